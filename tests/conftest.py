@@ -1,0 +1,63 @@
+"""Shared fixtures: the locally built model pair and real vLLM engines on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("VLLM_CAST_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, seed=0, disable_log_stats=False)
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    from vllm_cast.fixtures.build import build_fixture
+
+    return build_fixture("ci")
+
+
+@pytest.fixture(scope="session")
+def target_dir(fixture_dir: Path) -> str:
+    return str(fixture_dir / "target")
+
+
+@pytest.fixture(scope="session")
+def draft_dir(fixture_dir: Path) -> str:
+    return str(fixture_dir / "eagle3")
+
+
+def make_llm(target: str, speculative_config: dict | None = None, **overrides):
+    """A real offline vLLM engine on the fixture target (float32 so greedy ties are rare)."""
+    from vllm import LLM
+
+    return LLM(model=target, speculative_config=speculative_config, **{**ENGINE_KWARGS, **overrides})
+
+
+def greedy_token_ids(llm, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Greedy completions' token ids, in prompt order."""
+    from vllm import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def spec_counters(llm) -> dict[str, float]:
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens)."""
+    return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
+
+
+@pytest.fixture(scope="session")
+def vanilla_llm(target_dir: str):
+    return make_llm(target_dir)
+
+
+@pytest.fixture(scope="session")
+def cast_llm(target_dir: str, draft_dir: str):
+    return make_llm(target_dir, {"method": "cast", "model": draft_dir, "num_speculative_tokens": 4})

@@ -1,0 +1,67 @@
+"""Start ``vllm-cast serve`` on loopback for tests and talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(target: str, speculative_config: dict | None, log_path: Path, extra_args: tuple[str, ...] = (),
+           startup_timeout: float = 240.0):
+    """Run ``vllm-cast serve`` (vLLM's OpenAI server) and yield its base URL."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("vllm-cast")
+    cmd = [str(cli), "serve", target, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "4096", "--enforce-eager", "--seed", "0", *extra_args]
+    if speculative_config is not None:
+        cmd += ["--speculative-config", json.dumps(speculative_config)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.time() > deadline:
+                    raise TimeoutError(f"server did not start in {startup_timeout}s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def complete(url: str, model: str, prompt: str, max_tokens: int, temperature: float = 0.0) -> str:
+    """Text of one non-streaming /v1/completions answer."""
+    reply = requests.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature},
+        timeout=120,
+    )
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["text"]
