@@ -23,6 +23,7 @@ DEFAULT_MAX_TREE_NODES = 32
 MAX_TREE_NODES_LIMIT = 128  # vLLM's rejection sampler MAX_SPEC_LEN
 ProfileMode = Literal["auto", "force", "never"]
 DecisionScope = Literal["batch", "request"]
+UtilityMode = Literal["verified", "layer"]
 
 
 class CastConfigError(ValueError):
@@ -54,6 +55,10 @@ class CastParams:
     """auto: profile when no valid table exists; force: always re-profile; never: fail."""
     decision_scope: DecisionScope = "batch"
     """batch: one tree shape per step for the whole batch (the paper); request: per request."""
+    expansion_utility: UtilityMode = "verified"
+    """layer: a layer's utility is the sum of its kept values (the paper's formula);
+    verified: only values that would make the current verify cut count (the official
+    code's top-verify_num gain), so drafting stops where verifying more would not pay."""
 
     def __post_init__(self) -> None:
         for name, low, high, allow_zero in (
@@ -71,7 +76,8 @@ class CastParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise CastConfigError(f"speculative_config key '{name}' must be an integer in [{low}, {high}], got {value!r}")
-        for name, allowed in (("profile", ProfileMode), ("decision_scope", DecisionScope)):
+        for name, allowed in (("profile", ProfileMode), ("decision_scope", DecisionScope),
+                              ("expansion_utility", UtilityMode)):
             if getattr(self, name) not in get_args(allowed):
                 raise CastConfigError(
                     f"speculative_config key '{name}' must be one of {list(get_args(allowed))}, got {getattr(self, name)!r}"

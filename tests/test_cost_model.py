@@ -1,0 +1,74 @@
+"""Cost tables: interpolation, persistence round trip, refusal of foreign or corrupt tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vllm_cast.cost_model import CostTable, CostTableError, TableKey, device_name, profile_table
+
+KEY = TableKey(device=device_name("cpu"), target_model="t", draft_model="d", dtype="float32")
+
+
+def synthetic_table() -> CostTable:
+    def timer(scale):
+        return lambda b, c, n: scale * (1.0 + 0.1 * b * n + 0.001 * c)
+
+    return profile_table(KEY, timer(1.0), timer(0.2), [1, 4, 16], [128, 1024], [1, 2, 4, 8, 16], progress=False)
+
+
+def test_grid_points_are_exact_and_between_is_linear():
+    table = synthetic_table()
+    assert table.target(4, 1024, 8) == pytest.approx(1.0 + 3.2 + 1.024)
+    assert table.draft(1, 128, 1) == pytest.approx(0.2 * (1.1 + 0.128))
+    # the synthetic cost is linear in n and c for fixed b, so interpolation is exact
+    assert table.target(4, 576, 3) == pytest.approx(1.0 + 1.2 + 0.576)
+    # clamped outside the grid
+    assert table.target(64, 99999, 99) == pytest.approx(table.target(16, 1024, 16))
+
+
+def test_step_costs_are_normalised_by_one_target_token():
+    costs = synthetic_table().at(batch_size=4, context=128, max_tokens=8)
+    assert costs.target_ratio()[1] == pytest.approx(1.0)
+    assert costs.draft.shape == (9,) and costs.draft[0] == 0
+    assert (costs.target_ratio()[2:] > costs.target_ratio()[1:-1]).all()
+
+
+def test_round_trip(tmp_path):
+    table = synthetic_table()
+    path = tmp_path / "table.json"
+    table.save(path)
+    loaded = CostTable.load(path, expected=KEY)
+    assert loaded.key == KEY and loaded.batch_sizes == table.batch_sizes
+    assert torch.equal(loaded.target_seconds, table.target_seconds)
+    assert torch.equal(loaded.draft_seconds, table.draft_seconds)
+
+
+@pytest.mark.parametrize("field", ["device", "target_model", "draft_model", "dtype", "vllm_version"])
+def test_table_for_other_hardware_or_models_is_refused(tmp_path, field):
+    path = tmp_path / "table.json"
+    synthetic_table().save(path)
+    other = TableKey(**{**KEY.__dict__, field: "something else"})
+    with pytest.raises(CostTableError, match=f"{field} is .* in the table"):
+        CostTable.load(path, expected=other)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "negative", "shape", "format"])
+def test_corrupt_table_is_refused(tmp_path, damage):
+    path = tmp_path / "table.json"
+    synthetic_table().save(path)
+    blob = json.loads(path.read_text())
+    if damage == "truncate":
+        path.write_text(path.read_text()[:50])
+    else:
+        if damage == "negative":
+            blob["target_seconds"][0][0][0] = -1.0
+        elif damage == "shape":
+            blob["draft_seconds"] = blob["draft_seconds"][:1]
+        else:
+            blob["format"] = 99
+        path.write_text(json.dumps(blob))
+    with pytest.raises(CostTableError):
+        CostTable.load(path, expected=KEY)

@@ -1,0 +1,100 @@
+"""Tree representation invariants (property tests) and CAST builder output validity."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from core_helpers import linear_costs, synthetic_draft
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_cast.config import CastParams
+from vllm_cast.tree import (FlatTree, ancestor_mask, batched_ancestor_mask, check_topological, depths, path_to,
+                            root_to_leaf_paths)
+from vllm_cast.tree_builder import CastTreeBuilder
+
+
+@st.composite
+def topological_parents(draw, max_nodes: int = 40):
+    n = draw(st.integers(1, max_nodes))
+    return torch.tensor([-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)], dtype=torch.int64)
+
+
+@settings(max_examples=150, deadline=None)
+@given(topological_parents())
+def test_ancestor_mask_rows_are_root_paths(parents):
+    check_topological(parents)
+    mask = ancestor_mask(parents)
+    depth = depths(parents)
+    for node in range(parents.numel()):
+        assert mask[node].nonzero().flatten().tolist() == sorted(path_to(parents, node))
+        assert int(mask[node].sum()) == int(depth[node]) + 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(topological_parents(), st.integers(0, 40))
+def test_every_prefix_is_a_tree_with_the_same_masks(parents, cut):
+    length = max(1, min(cut, parents.numel()))
+    prefix = parents[:length]
+    check_topological(prefix)
+    assert torch.equal(ancestor_mask(prefix), ancestor_mask(parents)[:length, :length])
+
+
+@settings(max_examples=100, deadline=None)
+@given(topological_parents())
+def test_root_to_leaf_paths_cover_every_node_once_as_a_leaf(parents):
+    paths = root_to_leaf_paths(parents)
+    assert (paths[:, 0] == 0).all()
+    covered = set(paths[paths >= 0].tolist())
+    assert covered == set(range(parents.numel()))
+    leaves = [row[row >= 0][-1].item() for row in paths]
+    assert len(set(leaves)) == len(leaves)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(topological_parents(24), min_size=1, max_size=5))
+def test_batched_masks_equal_per_tree_masks(trees):
+    n = max(t.numel() for t in trees)
+    padded = torch.full((len(trees), n), -1, dtype=torch.int64)
+    for row, t in enumerate(trees):
+        padded[row, : t.numel()] = t
+    lengths = torch.tensor([t.numel() for t in trees])
+    batched = batched_ancestor_mask(padded, lengths)
+    for row, t in enumerate(trees):
+        k = t.numel()
+        assert torch.equal(batched[row, :k, :k], ancestor_mask(t))
+        assert not batched[row, k:].any() and not batched[row, :, k:].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 6), st.integers(1, 48), st.sampled_from(["batch", "request"]),
+       st.floats(0.2, 20), st.floats(0.0, 5), st.floats(0.2, 20))
+def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_nodes, scope, c1, c2, c3):
+    params = CastParams(node_top_k=top_k, max_depth=max_depth, breadth_threshold=c1, depth_threshold=c2,
+                        verify_threshold=c3, decision_scope=scope)
+    costs = linear_costs(64, draft_slope=0.01, draft_base=0.2, target_slope=0.03)
+    drafts = [synthetic_draft(vocab=16, seed=b) for b in range(batch)]
+    builder = CastTreeBuilder(params, costs, max_nodes, deque([1.0], maxlen=params.ratio_buffer_size))
+    paths = [[()] for _ in range(batch)]
+    frontier = builder.start(torch.stack([d(()) for d in drafts]))
+    while frontier is not None:
+        for b in range(batch):
+            paths[b] = [(paths[b][s] if s >= 0 else ()) + (t,) for t, s in
+                        zip(frontier.tokens[b].tolist(), frontier.parent_slot[b].tolist())]
+        frontier = builder.expand(torch.stack([torch.stack([drafts[b](p) for p in paths[b]]) for b in range(batch)]))
+    trees = builder.finish(torch.arange(batch))
+    assert 1 <= builder.decision.depth <= max_depth
+    assert all(1 <= w <= top_k for w in builder.decision.widths)
+    for b, tree in enumerate(trees):
+        check_topological(tree.parents)
+        assert isinstance(tree, FlatTree) and len(tree) - 1 <= max_nodes
+        assert int(tree.tokens[0]) == b
+        parent_values = tree.values[tree.parents[1:]]
+        assert (tree.values[1:] <= parent_values).all(), "a child is worth more than its parent"
+        for node in range(1, len(tree)):  # each node's value is its path's draft probability product
+            path = [int(tree.tokens[i]) for i in path_to(tree.parents, node)[1:]]
+            expected = 1.0
+            for depth in range(len(path)):
+                expected *= float(drafts[b](tuple(path[:depth]))[path[depth]])
+            assert abs(float(tree.values[node]) - expected) < 1e-5

@@ -1,0 +1,212 @@
+"""Measured latency tables f(B, c, n) for the target and the draft, and their persistence.
+
+A :class:`CostTable` holds, for one (hardware, model pair, dtype, vLLM version), the
+median seconds of one forward of each model over a grid of batch sizes ``B``, context
+lengths ``c`` (tokens already in the KV cache) and new tokens per sequence ``n``. Look-ups
+interpolate linearly between grid points in all three axes and clamp outside the grid.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
+
+TABLE_FORMAT = 1
+
+
+class CostTableError(ValueError):
+    """A cost table that cannot be used here (corrupt, other hardware, other models)."""
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """Stable name of the hardware the table is measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{cpu}:{torch.get_num_threads()}threads"
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """What a table is valid for; a table is refused when any field differs."""
+
+    device: str
+    target_model: str
+    draft_model: str
+    dtype: str
+    vllm_version: str = SUPPORTED_VLLM_VERSION
+
+    def mismatch(self, other: "TableKey") -> str | None:
+        """Human-readable description of the first differing field, or None."""
+        for name in ("device", "target_model", "draft_model", "dtype", "vllm_version"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} is {theirs!r} in the table but {mine!r} here"
+        return None
+
+
+@dataclass
+class StepCosts:
+    """Costs at one batch size and context, as functions of tokens per sequence.
+
+    ``draft[n]`` / ``target[n]``: seconds of one forward with ``n`` new tokens per
+    sequence, index 0 unused (0.0); length ``max_tokens + 1``."""
+
+    draft: torch.Tensor
+    target: torch.Tensor
+
+    def draft_ratio(self) -> torch.Tensor:
+        """Draft cost in units of one single-token target forward, ``[max_tokens + 1]``."""
+        return self.draft / self.target[1]
+
+    def target_ratio(self) -> torch.Tensor:
+        """Target cost in units of one single-token target forward, ``[max_tokens + 1]``."""
+        return self.target / self.target[1]
+
+
+def _interp_axis(grid: list[int], value: float) -> tuple[int, int, float]:
+    """Indices (lo, hi) and weight of ``hi`` for linear interpolation, clamped."""
+    if value <= grid[0]:
+        return 0, 0, 0.0
+    if value >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    hi = next(i for i, g in enumerate(grid) if g >= value)
+    lo = hi - 1
+    return lo, hi, (value - grid[lo]) / (grid[hi] - grid[lo])
+
+
+@dataclass
+class CostTable:
+    """Latency grids ``[len(batch_sizes), len(contexts), len(new_tokens)]`` in seconds."""
+
+    key: TableKey
+    batch_sizes: list[int]
+    contexts: list[int]
+    new_tokens: list[int]
+    target_seconds: torch.Tensor
+    draft_seconds: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = (len(self.batch_sizes), len(self.contexts), len(self.new_tokens))
+        for name in ("target_seconds", "draft_seconds"):
+            grid = getattr(self, name)
+            if tuple(grid.shape) != shape:
+                raise CostTableError(f"{name} has shape {tuple(grid.shape)}, expected {shape}")
+            if not torch.isfinite(grid).all() or (grid <= 0).any():
+                raise CostTableError(f"{name} holds non-positive or non-finite latencies")
+        for name in ("batch_sizes", "contexts", "new_tokens"):
+            axis = getattr(self, name)
+            if not axis or sorted(set(axis)) != list(axis):
+                raise CostTableError(f"{name} must be a non-empty strictly increasing list, got {axis}")
+        if self.new_tokens[0] != 1:
+            raise CostTableError("new_tokens must start at 1 (the single-token decode step)")
+
+    def _lookup(self, grid: torch.Tensor, batch_size: float, context: float, tokens: float) -> float:
+        b = _interp_axis(self.batch_sizes, batch_size)
+        c = _interp_axis(self.contexts, context)
+        n = _interp_axis(self.new_tokens, tokens)
+        total = 0.0
+        for bi, bw in ((b[0], 1 - b[2]), (b[1], b[2])):
+            for ci, cw in ((c[0], 1 - c[2]), (c[1], c[2])):
+                for ni, nw in ((n[0], 1 - n[2]), (n[1], n[2])):
+                    total += bw * cw * nw * float(grid[bi, ci, ni])
+        return total
+
+    def target(self, batch_size: float, context: float, tokens: float) -> float:
+        """Seconds of one target forward: ``batch_size`` sequences of ``context`` cached
+        tokens, ``tokens`` new tokens each."""
+        return self._lookup(self.target_seconds, batch_size, context, tokens)
+
+    def draft(self, batch_size: float, context: float, tokens: float) -> float:
+        """Seconds of one draft forward, same arguments as :meth:`target`."""
+        return self._lookup(self.draft_seconds, batch_size, context, tokens)
+
+    def at(self, batch_size: int, context: float, max_tokens: int) -> StepCosts:
+        """Both cost curves at one (batch, context), for 1..``max_tokens`` tokens."""
+        ns = range(1, max_tokens + 1)
+        draft = torch.tensor([0.0] + [self.draft(batch_size, context, n) for n in ns], dtype=torch.float64)
+        target = torch.tensor([0.0] + [self.target(batch_size, context, n) for n in ns], dtype=torch.float64)
+        return StepCosts(draft=draft, target=target)
+
+    def to_json(self) -> dict:
+        return {
+            "format": TABLE_FORMAT,
+            "key": self.key.__dict__,
+            "batch_sizes": self.batch_sizes,
+            "contexts": self.contexts,
+            "new_tokens": self.new_tokens,
+            "target_seconds": self.target_seconds.tolist(),
+            "draft_seconds": self.draft_seconds.tolist(),
+            "meta": self.meta,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, expected: TableKey | None = None) -> "CostTable":
+        """Read a table; refuse it (CostTableError) if corrupt or made for another key."""
+        try:
+            blob = json.loads(Path(path).read_text())
+            if blob.get("format") != TABLE_FORMAT:
+                raise CostTableError(f"cost table {path} has format {blob.get('format')}, expected {TABLE_FORMAT}")
+            table = cls(
+                key=TableKey(**blob["key"]),
+                batch_sizes=list(blob["batch_sizes"]),
+                contexts=list(blob["contexts"]),
+                new_tokens=list(blob["new_tokens"]),
+                target_seconds=torch.tensor(blob["target_seconds"], dtype=torch.float64),
+                draft_seconds=torch.tensor(blob["draft_seconds"], dtype=torch.float64),
+                meta=blob.get("meta", {}),
+            )
+        except CostTableError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CostTableError(f"cost table {path} is unreadable or corrupt: {err}") from err
+        if expected is not None:
+            problem = expected.mismatch(table.key)
+            if problem:
+                raise CostTableError(
+                    f"cost table {path} was measured for other hardware or models ({problem}); "
+                    "re-profile with speculative_config profile='force' or point cost_table elsewhere"
+                )
+        return table
+
+
+ForwardTimer = Callable[[int, int, int], float]
+"""(batch_size, context, new_tokens) -> median seconds of one forward."""
+
+
+def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardTimer, batch_sizes: list[int],
+                  contexts: list[int], new_tokens: list[int], progress: bool = True) -> CostTable:
+    """Measure both models over the grid with the given timers (progress bar on stderr)."""
+    from tqdm import tqdm
+
+    shape = (len(batch_sizes), len(contexts), len(new_tokens))
+    target = torch.zeros(shape, dtype=torch.float64)
+    draft = torch.zeros(shape, dtype=torch.float64)
+    cells = [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
+    for i, j, k in tqdm(cells, desc="profile cost table", unit="cell", disable=not progress):
+        b, c, n = batch_sizes[i], contexts[j], new_tokens[k]
+        target[i, j, k] = time_target(b, c, n)
+        draft[i, j, k] = time_draft(b, c, n)
+    return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft)

@@ -1,0 +1,43 @@
+"""CAST's Algorithm 1, "Select Maximum Valid Index".
+
+Given increasing utilities ``u[0..n]`` and costs ``c[0..n]`` it walks k upwards from a
+base index, accepting k while the utility gained since the last accepted index is worth
+at least ``threshold`` per unit of extra cost. Measured costs can be non-monotone (tile
+padding), so they are replaced by their running maximum first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TIE_TOLERANCE = 1e-9
+"""Relative slack so exact ties (Theorem 4.1's boundary) survive float64 rounding."""
+
+
+def running_max(costs: torch.Tensor) -> torch.Tensor:
+    """Monotone envelope of ``costs`` along the last dimension."""
+    return torch.cummax(costs, dim=-1).values
+
+
+def select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold: float, base: int = 0) -> int:
+    """Largest index reachable by accepted steps from ``base``.
+
+    utility, cost: 1-D float tensors of equal length (index = number of items kept).
+    Step ``anchor -> k`` is accepted when ``u[k] > u[anchor]`` and
+    ``u[k] - u[anchor] >= threshold * (c[k] - c[anchor])``; later steps are measured from
+    the last accepted index, which makes the rule robust to locally non-concave utility.
+    Returns an index in ``[base, len(utility) - 1]``."""
+    u = utility.double().tolist()
+    c = running_max(cost.double()).tolist()
+    anchor = base
+    for k in range(base + 1, len(u)):
+        gain = u[k] - u[anchor]
+        if gain > 0 and gain >= threshold * (c[k] - c[anchor]) * (1 - TIE_TOLERANCE):
+            anchor = k
+    return anchor
+
+
+def batched_select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold: float, base: int = 0) -> torch.Tensor:
+    """:func:`select_max_valid_index` for each row of ``utility`` ``[R, n+1]`` against one
+    cost curve ``[n+1]``. Returns int64 ``[R]``."""
+    return torch.tensor([select_max_valid_index(row, cost, threshold, base) for row in utility], dtype=torch.int64)

@@ -1,0 +1,107 @@
+"""Flattened draft trees.
+
+A tree of ``N`` nodes is stored in topological (breadth-first) order: node 0 is the root
+(the last verified token, whose successor the target predicts), and every node's parent
+index is smaller than its own. Any prefix of such an order is again a tree, which is what
+makes vLLM's truncation of draft-token lists safe. Batched trees are padded to ``N`` with
+parent ``-1`` past each tree's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FlatTree:
+    """One request's tree. tokens/parents ``[N]`` int64 (root parent -1), values ``[N]``
+    float (path probability; root 1)."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    values: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    def prefix(self, length: int) -> "FlatTree":
+        """The first ``length`` nodes (a valid tree by the topological order)."""
+        return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length])
+
+    @property
+    def draft_tokens(self) -> list[int]:
+        """Tokens of the non-root nodes in order: what vLLM receives as draft tokens."""
+        return self.tokens[1:].tolist()
+
+
+def check_topological(parents: torch.Tensor) -> None:
+    """Raise ValueError unless ``parents`` ``[N]`` is a rooted tree in topological order."""
+    if parents.numel() == 0 or int(parents[0]) != -1:
+        raise ValueError("node 0 must be the root (parent -1)")
+    idx = torch.arange(parents.numel())
+    if not ((parents[1:] >= 0) & (parents[1:] < idx[1:])).all():
+        raise ValueError("every non-root node's parent must precede it")
+
+
+def depths(parents: torch.Tensor) -> torch.Tensor:
+    """Depth of every node (root 0), ``[N]`` int64, for a topologically ordered tree."""
+    out = torch.zeros_like(parents)
+    for i in range(1, parents.numel()):
+        out[i] = out[parents[i]] + 1
+    return out
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` bool: row i is True at i and at each ancestor of i (the tree attention
+    mask: node i may attend to those nodes, plus the whole cached context)."""
+    n = parents.numel()
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        mask[i] |= mask[parents[i]]
+    return mask
+
+
+def batched_ancestor_mask(parents: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` ancestor masks of padded trees ``parents`` ``[B, N]`` (rows and
+    columns past ``lengths[b]`` are False), computed with ``depth`` vectorised steps."""
+    b, n = parents.shape
+    valid = torch.arange(n)[None, :] < lengths[:, None]
+    mask = torch.eye(n, dtype=torch.bool).expand(b, n, n) & valid[:, :, None]
+    safe_parents = parents.clamp_min(0)
+    # mask <- mask | mask[parent]; after d rounds every ancestor within d levels is set.
+    for _ in range(n):
+        parent_rows = torch.gather(mask, 1, safe_parents[:, :, None].expand(b, n, n))
+        grown = mask | (parent_rows & (parents >= 0)[:, :, None] & valid[:, :, None])
+        if torch.equal(grown, mask):
+            break
+        mask = grown
+    return mask
+
+
+def root_to_leaf_paths(parents: torch.Tensor) -> torch.Tensor:
+    """``[L, D+1]`` node indices of every root-to-leaf path (padded with -1), leaves in
+    node order."""
+    n = parents.numel()
+    is_parent = torch.zeros(n, dtype=torch.bool)
+    is_parent[parents[1:]] = True
+    leaves = [i for i in range(n) if not is_parent[i]]
+    paths = []
+    for leaf in leaves:
+        path, node = [], leaf
+        while node != -1:
+            path.append(node)
+            node = int(parents[node])
+        paths.append(path[::-1])
+    width = max(len(p) for p in paths)
+    return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int64)
+
+
+def path_to(parents: torch.Tensor, node: int) -> list[int]:
+    """Node indices from the root to ``node`` inclusive."""
+    path = []
+    while node != -1:
+        path.append(node)
+        node = int(parents[node])
+    return path[::-1]
