@@ -21,30 +21,36 @@ from .dispatch import next_power_of_2, use_triton
 
 
 @triton.jit
-def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, token_req_ptr,
-                           mask_ptr, scale, max_blocks, N,
+def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, mask_ptr, scale,
+                           max_blocks, N,
                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                           BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    t = tl.program_id(0)
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """One program: request b, KV head kvh, a tile of BLOCK_M (tree node, q head) rows, so
+    the request's context K/V is read once per tile, not once per node."""
+    b = tl.program_id(0)
     kvh = tl.program_id(1)
+    tile = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
-    b = tl.load(token_req_ptr + t)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= q_len * G:
+        return
     seq_len = tl.load(seq_lens_ptr + b)
     ctx = seq_len - q_len
-    j = t - q_start
 
-    g = tl.arange(0, BLOCK_G)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    node_q = rows // G  # tree node of each row
+    head = kvh * G + rows % G
+    row_ok = node_q < q_len
     d = tl.arange(0, D)
-    heads = kvh * G + g
-    q = tl.load(q_ptr + (t.to(tl.int64) * HQ + heads[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    q_off = ((q_start + node_q).to(tl.int64) * HQ + head)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_G], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, seq_len, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_seq = pos < seq_len
@@ -56,21 +62,24 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, block_table_ptr, seq_lens
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        node = pos - ctx
-        in_tree = (node >= 0) & in_seq
-        tree_ok = tl.load(mask_ptr + (b.to(tl.int64) * N + j) * N + node, mask=in_tree, other=0)
-        visible = (in_seq & (node < 0)) | (in_tree & (tree_ok != 0))
+        node_k = pos - ctx
+        visible = (in_seq & (node_k < 0))[None, :] & row_ok[:, None]
+        if start + BLOCK_N > ctx:  # the tile reaches the tree: apply the ancestor mask
+            in_tree = (node_k >= 0) & in_seq
+            tree_ok = tl.load(mask_ptr + (b.to(tl.int64) * N + node_q[:, None]) * N + node_k[None, :],
+                              mask=row_ok[:, None] & in_tree[None, :], other=0)
+            visible = visible | (tree_ok != 0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        scores = tl.where(visible[None, :], scores, -float("inf"))
+        scores = tl.where(visible, scores, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + (t.to(tl.int64) * HQ + heads[:, None]) * D + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=g[:, None] < G)
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def gather_request_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -110,14 +119,13 @@ def tree_attention(q, key_cache, value_cache, block_table, seq_lens, query_start
     out = torch.empty_like(q)
     if t == 0:
         return out
-    counts = query_start_loc[1:] - query_start_loc[:-1]
-    token_req = torch.repeat_interleave(torch.arange(counts.numel(), device=q.device, dtype=torch.int32),
-                                        counts.long(), output_size=t)
-    block_g = max(16, next_power_of_2(hq // hkv))
-    _tree_attention_kernel[(t, hkv)](
+    n = tree_mask.shape[-1]
+    block_m = min(128, max(16, next_power_of_2(n * (hq // hkv))))
+    grid = (block_table.shape[0], hkv, triton.cdiv(n * (hq // hkv), block_m))
+    _tree_attention_kernel[grid](
         q.contiguous(), key_cache, value_cache, out, block_table.to(torch.int32).contiguous(),
-        seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous(), token_req,
-        tree_mask.to(torch.int8).contiguous(), scale, block_table.shape[1], tree_mask.shape[-1],
-        HQ=hq, HKV=hkv, D=d, BLOCK_SIZE=key_cache.shape[1], BLOCK_G=block_g, BLOCK_N=64,
+        seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous(),
+        tree_mask.to(torch.int8).contiguous(), scale, block_table.shape[1], n,
+        HQ=hq, HKV=hkv, D=d, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m, BLOCK_N=64,
         UPCAST=not q.is_cuda)  # the CPU interpreter has no bf16 matmul: compute in fp32 there
     return out
