@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU. Set before anything imports triton
+    # (vLLM does): triton.language's own helpers are jit-decorated at import time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VLLM_CAST_CACHE", str(REPO / ".cache"))

@@ -1,20 +1,17 @@
 """Each Triton kernel against its torch reference on fresh random inputs (ragged batches,
-trees of 1 to 128 nodes). Without a GPU the kernels run under TRITON_INTERPRET=1."""
+trees of 1 to 128 nodes). Without a GPU the kernels run under TRITON_INTERPRET=1 (set by
+conftest.py before triton is imported)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit
-
-from vllm_cast.kernels.tree_attention import tree_attention, tree_attention_reference  # noqa: E402
-from vllm_cast.kernels.tree_mask import tree_meta, tree_meta_reference  # noqa: E402
-from vllm_cast.kernels.tree_topk import tree_topk, tree_topk_reference  # noqa: E402
+from vllm_cast.kernels.tree_attention import tree_attention, tree_attention_reference
+from vllm_cast.kernels.tree_mask import tree_meta, tree_meta_reference
+from vllm_cast.kernels.tree_topk import tree_topk, tree_topk_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = random.SystemRandom().randrange(2**31)
