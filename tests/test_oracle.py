@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from core_helpers import linear_costs, synthetic_draft
 
 from vllm_cast.config import CastParams

@@ -10,7 +10,9 @@ import torch
 from core_helpers import linear_costs, synthetic_draft
 
 from vllm_cast.config import CastParams
+from vllm_cast.oracle import expand_all_layers
 from vllm_cast.selection import select_max_valid_index
+from vllm_cast.tree import path_to
 from vllm_cast.tree_builder import CastTreeBuilder
 
 
@@ -78,25 +80,15 @@ def test_theorem_4_1_reproduces_eagle2_tree(top_k, depth, total_tokens):
         v_k = float(candidate_values.sort(descending=True).values[top_k - 1])
         builder.params = dataclasses.replace(builder.params, breadth_threshold=v_k / lam_d)
 
-    root = draft(())
-    set_c1(root.topk(top_k).values)
-    paths = [()]
-    frontier = builder.start(root[None])
-    while frontier is not None:
-        paths = [(paths[s] if s >= 0 else ()) + (t,) for t, s in zip(frontier.tokens[0].tolist(), frontier.parent_slot[0].tolist())]
-        child = torch.stack([draft(p) for p in paths])
-        values = (frontier_values := builder.frontier_values[0])[:, None] * child.topk(top_k).values
-        set_c1(values.flatten())
-        frontier = builder.expand(child[None])
+    set_c1(draft(()).topk(top_k).values)
+
+    def before_expand(child_probs: torch.Tensor) -> None:
+        set_c1((builder.frontier_values[0][:, None] * child_probs[0].topk(top_k).values).flatten())
+
+    expand_all_layers(builder, [draft], before_expand)
     pool = torch.cat(builder.pool_values, dim=1)[0].sort(descending=True).values
     builder.params = dataclasses.replace(builder.params, verify_threshold=float(pool[total_tokens - 2]) / lam_t)
     tree = builder.finish(torch.zeros(1, dtype=torch.int64))[0]
-    ours = []
-    for node in range(1, len(tree)):
-        path, walk = [], node
-        while walk > 0:
-            path.append(int(tree.tokens[walk]))
-            walk = int(tree.parents[walk])
-        ours.append(tuple(reversed(path)))
+    ours = [tuple(int(tree.tokens[i]) for i in path_to(tree.parents, node)[1:]) for node in range(1, len(tree))]
     assert builder.decision.widths == [top_k] * (depth + 1)
     assert ours == eagle2_tree(draft, top_k, depth, total_tokens)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_cast.config import CastParams
+from vllm_cast.oracle import expand_all_layers
 from vllm_cast.tree import (FlatTree, ancestor_mask, batched_ancestor_mask, check_topological, depths, path_to,
                             root_to_leaf_paths)
 from vllm_cast.tree_builder import CastTreeBuilder
@@ -76,13 +77,7 @@ def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_
     costs = linear_costs(64, draft_slope=0.01, draft_base=0.2, target_slope=0.03)
     drafts = [synthetic_draft(vocab=16, seed=b) for b in range(batch)]
     builder = CastTreeBuilder(params, costs, max_nodes, deque([1.0], maxlen=params.ratio_buffer_size))
-    paths = [[()] for _ in range(batch)]
-    frontier = builder.start(torch.stack([d(()) for d in drafts]))
-    while frontier is not None:
-        for b in range(batch):
-            paths[b] = [(paths[b][s] if s >= 0 else ()) + (t,) for t, s in
-                        zip(frontier.tokens[b].tolist(), frontier.parent_slot[b].tolist())]
-        frontier = builder.expand(torch.stack([torch.stack([drafts[b](p) for p in paths[b]]) for b in range(batch)]))
+    expand_all_layers(builder, drafts)
     trees = builder.finish(torch.arange(batch))
     assert 1 <= builder.decision.depth <= max_depth
     assert all(1 <= w <= top_k for w in builder.decision.widths)

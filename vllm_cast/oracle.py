@@ -74,19 +74,27 @@ def best_tree(draft: DraftFn, costs: StepCosts, top_k: int, max_layers: int, max
     return best
 
 
+def expand_all_layers(builder: CastTreeBuilder, drafts: list[DraftFn],
+                      before_expand: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Draft every layer ``builder`` asks for, for ``len(drafts)`` requests whose draft
+    models are path -> distribution functions; ``before_expand(child_probs [B, W, V])``
+    is called before each expansion. The caller then runs ``builder.finish``."""
+    paths: list[list[tuple[int, ...]]] = [[()] for _ in drafts]
+    frontier = builder.start(torch.stack([draft(()) for draft in drafts]))
+    while frontier is not None:
+        for row, draft in enumerate(drafts):
+            paths[row] = [(paths[row][s] if s >= 0 else ()) + (t,) for t, s in
+                          zip(frontier.tokens[row].tolist(), frontier.parent_slot[row].tolist())]
+        child_probs = torch.stack([torch.stack([draft(p) for p in paths[row]]) for row, draft in enumerate(drafts)])
+        if before_expand is not None:
+            before_expand(child_probs)
+        frontier = builder.expand(child_probs)
+
+
 def cast_tree(draft: DraftFn, costs: StepCosts, params: CastParams, max_nodes: int) -> ScoredTree:
     """Run :class:`CastTreeBuilder` on ``draft`` and score the tree it verifies."""
     builder = CastTreeBuilder(params, costs, max_nodes, deque([1.0], maxlen=params.ratio_buffer_size))
-    paths = [()]
-    frontier = builder.start(draft(())[None])
-    widths = []
-    while frontier is not None:
-        width = frontier.width
-        widths.append(width)
-        tokens = frontier.tokens[0].tolist()
-        slots = frontier.parent_slot[0].tolist()
-        paths = [(paths[s] if s >= 0 else ()) + (t,) for t, s in zip(tokens, slots)]
-        frontier = builder.expand(torch.stack([draft(p) for p in paths])[None])
+    expand_all_layers(builder, [draft])
     tree = builder.finish(torch.zeros(1, dtype=torch.int64))[0]
-    pool = candidate_pool(draft, params.node_top_k, tuple(widths))
-    return score(pool, tuple(widths), len(tree) - 1, costs)
+    expanded = tuple(builder.decision.widths[:-1])  # the last pruned layer is not expanded
+    return score(candidate_pool(draft, params.node_top_k, expanded), expanded, len(tree) - 1, costs)

@@ -86,14 +86,7 @@ def root_to_leaf_paths(parents: torch.Tensor) -> torch.Tensor:
     n = parents.numel()
     is_parent = torch.zeros(n, dtype=torch.bool)
     is_parent[parents[1:]] = True
-    leaves = [i for i in range(n) if not is_parent[i]]
-    paths = []
-    for leaf in leaves:
-        path, node = [], leaf
-        while node != -1:
-            path.append(node)
-            node = int(parents[node])
-        paths.append(path[::-1])
+    paths = [path_to(parents, leaf) for leaf in range(n) if not is_parent[leaf]]
     width = max(len(p) for p in paths)
     return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int64)
 

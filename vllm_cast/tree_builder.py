@@ -118,8 +118,9 @@ class CastTreeBuilder:
         if alpha * kept_utility < self.params.depth_threshold * float(cost[width]):
             return None
         keep = order[:, :width]
-        valid = (torch.arange(width)[None, :] < widths[:, None]) & (torch.gather(values, 1, keep) > 0)
-        self.frontier_values = torch.gather(values, 1, keep) * valid
+        kept_values = torch.gather(values, 1, keep)
+        valid = (torch.arange(width)[None, :] < widths[:, None]) & (kept_values > 0)
+        self.frontier_values = kept_values * valid
         self.frontier = Frontier(
             tokens=torch.gather(tokens, 1, keep),
             parent_slot=torch.gather(parent_slot, 1, keep),
