@@ -64,6 +64,27 @@ def vanilla_llm(target_dir: str):
     return make_llm(target_dir)
 
 
+TREE_THRESHOLDS = {"breadth_threshold": 0.1, "depth_threshold": 0.1, "verify_threshold": 0.1}
+"""Low C1/C2/C3: on this CPU a tree rarely pays for itself (CAST then drafts nothing at the
+paper's 4/3/2.5), but engine tests need wide, deep trees to exercise the tree path."""
+
+
+def tree_spec(draft_dir: str, max_nodes: int = 16) -> dict:
+    return {"method": "cast", "model": draft_dir, "num_speculative_tokens": max_nodes, **TREE_THRESHOLDS}
+
+
+def cast_stats(llm) -> dict[str, float]:
+    """CAST's decision statistics from the engine's worker."""
+    return llm.collective_rpc("cast_stats")[0]
+
+
 @pytest.fixture(scope="session")
 def cast_llm(target_dir: str, draft_dir: str):
-    return make_llm(target_dir, {"method": "cast", "model": draft_dir, "num_speculative_tokens": 4})
+    return make_llm(target_dir, tree_spec(draft_dir))
+
+
+@pytest.fixture(scope="session")
+def chain_llm(target_dir: str, draft_dir: str):
+    """vLLM's own EAGLE-3 chain on the same pair. Engines live for the whole session: an
+    in-process engine's shutdown tears down the distributed state the others share."""
+    return make_llm(target_dir, {"method": "eagle3", "model": draft_dir, "num_speculative_tokens": 4})

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from vllm_cast.cost_model import CostTable, CostTableError, TableKey, device_name, profile_table
+from vllm_cast.cost_model import (
+    CostTable,
+    CostTableError,
+    TableKey,
+    device_name,
+    profile_table,
+)
 
 KEY = TableKey(device=device_name("cpu"), target_model="t", draft_model="d", dtype="float32")
 

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-
 from vllm_cast.kernels.tree_attention import tree_attention, tree_attention_reference
 from vllm_cast.kernels.tree_mask import tree_meta, tree_meta_reference
 from vllm_cast.kernels.tree_topk import tree_topk, tree_topk_reference

@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 
 from vllm_cast.config import CastParams
 from vllm_cast.oracle import expand_all_layers
-from vllm_cast.tree import (FlatTree, ancestor_mask, batched_ancestor_mask, check_topological, depths, path_to,
-                            root_to_leaf_paths)
+from vllm_cast.tree import (
+    FlatTree,
+    ancestor_mask,
+    batched_ancestor_mask,
+    check_topological,
+    depths,
+    path_to,
+    root_to_leaf_paths,
+)
 from vllm_cast.tree_builder import CastTreeBuilder
 
 

@@ -9,6 +9,7 @@ and lookahead slots work unchanged) and it carries :class:`CastParams`. For CAST
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ class CastSpeculativeConfig(SpeculativeConfig):
     cast: CastParams = Field(default_factory=CastParams)
 
     def compute_hash(self) -> str:
-        return super().compute_hash() + "-cast-" + str(hash(json.dumps(dataclasses.asdict(self.cast), sort_keys=True)))
+        cast_key = json.dumps(dataclasses.asdict(self.cast), sort_keys=True).encode()
+        return super().compute_hash() + "-cast-" + hashlib.sha256(cast_key).hexdigest()[:16]
 
     def __repr__(self) -> str:
         model = self.draft_model_config.model if self.draft_model_config else None

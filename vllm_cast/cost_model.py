@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -51,7 +51,7 @@ class TableKey:
     dtype: str
     vllm_version: str = SUPPORTED_VLLM_VERSION
 
-    def mismatch(self, other: "TableKey") -> str | None:
+    def mismatch(self, other: TableKey) -> str | None:
         """Human-readable description of the first differing field, or None."""
         for name in ("device", "target_model", "draft_model", "dtype", "vllm_version"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -163,7 +163,7 @@ class CostTable:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, expected: TableKey | None = None) -> "CostTable":
+    def load(cls, path: Path, expected: TableKey | None = None) -> CostTable:
         """Read a table; refuse it (CostTableError) if corrupt or made for another key."""
         try:
             blob = json.loads(Path(path).read_text())

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -67,7 +67,7 @@ def best_tree(draft: DraftFn, costs: StepCosts, top_k: int, max_layers: int, max
     for layers in range(1, max_layers + 1):
         for widths in itertools.product(range(1, top_k + 1), repeat=layers - 1):
             pool = candidate_pool(draft, top_k, widths)
-            for m in range(0, min(max_nodes, len(pool)) + 1):
+            for m in range(min(max_nodes, len(pool)) + 1):
                 tree = score(pool, widths, m, costs)
                 if tree.tokens_per_second > best.tokens_per_second:
                     best = tree

@@ -50,6 +50,37 @@ def _patch_engine_args() -> None:
     EngineArgs.create_speculative_config = create_speculative_config
 
 
+CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+CAST_CPU_WORKER = "vllm_cast.worker.CastCPUWorker"
+
+
+def _patch_engine_config() -> None:
+    """Route CAST engines to CAST's worker (CPU); elsewhere keep EAGLE-3 chains, loudly."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        engine_config = original(self, *args, **kwargs)
+        from vllm_cast.config import is_cast
+
+        if not is_cast(engine_config.speculative_config):
+            return engine_config
+        parallel = engine_config.parallel_config
+        if parallel.worker_cls == CPU_WORKER:
+            parallel.worker_cls = CAST_CPU_WORKER
+        elif parallel.worker_cls != CAST_CPU_WORKER:
+            import logging
+
+            logging.getLogger("vllm_cast").warning(
+                "CAST trees run on vLLM's CPU platform so far; worker %s drafts EAGLE-3 chains of "
+                "num_speculative_tokens instead", parallel.worker_cls)
+        return engine_config
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
 def register() -> None:
     """Entry point (group ``vllm.general_plugins``, name ``cast``)."""
     global _REGISTERED
@@ -58,4 +89,5 @@ def register() -> None:
     import vllm_cast  # noqa: F401  (version guard)
 
     _patch_engine_args()
+    _patch_engine_config()
     _REGISTERED = True

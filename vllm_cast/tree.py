@@ -17,18 +17,25 @@ import torch
 @dataclass
 class FlatTree:
     """One request's tree. tokens/parents ``[N]`` int64 (root parent -1), values ``[N]``
-    float (path probability; root 1)."""
+    float (path value; root 1); optionally each node's own draft probability ``[N]`` and
+    rank among its siblings ``[N]`` (for acceptance calibration)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     values: torch.Tensor
+    draft_probs: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
 
-    def prefix(self, length: int) -> "FlatTree":
+    def prefix(self, length: int) -> FlatTree:
         """The first ``length`` nodes (a valid tree by the topological order)."""
-        return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length])
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:length]
+
+        return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length],
+                        cut(self.draft_probs), cut(self.ranks))
 
     @property
     def draft_tokens(self) -> list[int]:

@@ -6,7 +6,8 @@ draft distributions layer by layer; the builder says which nodes to expand next 
 the end, which nodes the target verifies. Shapes: ``B`` requests, ``V`` vocabulary, ``W``
 frontier width, ``K`` = ``node_top_k``.
 
-Node value = product of draft probabilities on the root path (EAGLE-2's confidence).
+Node value = product of draft probabilities on the root path (EAGLE-2's confidence), or
+of their calibrated acceptance estimates when a ``calibrate`` map is given.
 Batch scope (the paper): utilities are averaged over the batch and one width per layer,
 one depth and one verify count serve the whole batch. Request scope: widths and verify
 counts per request (the draft forward still runs at the widest request's width).
@@ -15,6 +16,7 @@ counts per request (the draft forward still runs at the widest request's width).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +61,8 @@ class StepDecision:
 class CastTreeBuilder:
     """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc)."""
 
-    def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None) -> None:
+    def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
+                 calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.params = params
         self.k = params.node_top_k
         self.per_request = params.decision_scope == "request"
@@ -72,11 +75,23 @@ class CastTreeBuilder:
         self.pool_tokens: list[torch.Tensor] = []
         self.pool_parents: list[torch.Tensor] = []
         self.pool_values: list[torch.Tensor] = []
+        self.pool_draft_probs: list[torch.Tensor] = []
+        self.calibrate = calibrate
         self.pool_size = 1  # the root
         self.frontier_values: torch.Tensor | None = None
         self.frontier: Frontier | None = None
+        self.root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
         self.prev_utility: float | None = None
         self.decision = StepDecision()
+
+    def _children(self, distributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K children of each distribution ``[..., V]``: tokens and the factor each
+        multiplies its parent's value by (draft probability, or its calibration)
+        ``[..., K]``; records the raw draft probabilities for the pool."""
+        probs, tokens = distributions.float().topk(self.k, dim=-1)
+        self.pool_draft_probs.append(probs.reshape(probs.shape[0], -1))
+        return tokens, probs if self.calibrate is None else self.calibrate(probs)
 
     def _add_candidates(self, tokens: torch.Tensor, values: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """Append candidates ``[B, C]`` to the pool; return their pool indices ``[B, C]``."""
@@ -156,7 +171,8 @@ class CastTreeBuilder:
 
     def start(self, root_probs: torch.Tensor) -> Frontier | None:
         """Layer 1 from the draft distribution after the root, ``[B, V]``."""
-        values, tokens = root_probs.float().topk(self.k, dim=-1)
+        tokens, values = self._children(root_probs)
+        self.root_candidates = (tokens, self.pool_draft_probs[0])
         parents = torch.zeros_like(tokens)
         pool_index = self._add_candidates(tokens, values, parents)
         return self._prune_and_continue(tokens, values, torch.full_like(tokens, -1), pool_index)
@@ -165,7 +181,7 @@ class CastTreeBuilder:
         """Next layer from the draft distributions at the frontier nodes, ``[B, W, V]``."""
         assert self.frontier is not None and self.frontier_values is not None
         b, w, _ = child_probs.shape
-        probs, tokens = child_probs.float().topk(self.k, dim=-1)
+        tokens, probs = self._children(child_probs)
         values = (self.frontier_values[:, :, None] * probs).reshape(b, w * self.k)
         tokens = tokens.reshape(b, w * self.k)
         parents = self.frontier.pool_index[:, :, None].expand(b, w, self.k).reshape(b, w * self.k)
@@ -181,6 +197,7 @@ class CastTreeBuilder:
         tokens = torch.cat(self.pool_tokens, dim=1)
         values = torch.cat(self.pool_values, dim=1)
         parents = torch.cat(self.pool_parents, dim=1)
+        draft_probs = torch.cat(self.pool_draft_probs, dim=1)
         b = values.shape[0]
         sorted_values, order = values.sort(dim=1, descending=True, stable=True)
         counts = self._verify_counts(sorted_values)
@@ -197,6 +214,8 @@ class CastTreeBuilder:
                 tokens=torch.cat([root_tokens[row : row + 1].long(), tokens[row, chosen]]),
                 parents=torch.tensor(node_parents, dtype=torch.int64),
                 values=torch.cat([torch.ones(1), values[row, chosen].float()]),
+                draft_probs=torch.cat([torch.ones(1), draft_probs[row, chosen]]),
+                ranks=torch.cat([torch.zeros(1, dtype=torch.int64), chosen % self.k]),
             ))
             self.decision.verified.append(m)
         self.decision.expected_accepted = float(sum(float(t.values[1:].sum()) for t in trees) / b)

@@ -1,0 +1,50 @@
+"""Online calibration of draft confidence into acceptance probability.
+
+CAST (like EAGLE-2) values a node by the product of draft probabilities on its path,
+assuming a draft probability approximates the chance the target accepts the token. A
+draft head that is right but unconfident (flat distributions: typical of small heads,
+and of greedy verification, where only the argmax matters) breaks that assumption and
+makes trees too wide and too shallow. The calibrator learns, from the verification
+outcomes vLLM already computes, the acceptance rate of a node given that its parent was
+accepted, per (rank among siblings, draft-probability bin), shrunk towards the raw draft
+probability by a Beta prior. It changes only tree shapes, never what is accepted, so
+losslessness is untouched."""
+
+from __future__ import annotations
+
+import torch
+
+PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
+
+
+class AcceptanceCalibrator:
+    """Acceptance estimates per (sibling rank, probability bin): ranks ``0..ranks-2``
+    each have their own row, higher ranks share the last."""
+
+    def __init__(self, ranks: int = 4, prior_strength: float = 4.0) -> None:
+        self.ranks = ranks
+        self.prior_strength = prior_strength
+        bins = PROBABILITY_EDGES.numel() - 1
+        self.accepted = torch.zeros(ranks, bins, dtype=torch.float64)
+        self.trials = torch.zeros(ranks, bins, dtype=torch.float64)
+
+    def _cells(self, probs: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bins = (torch.bucketize(probs.double(), PROBABILITY_EDGES.double(), right=True) - 1).clamp(0, self.trials.shape[1] - 1)
+        return ranks.clamp_max(self.ranks - 1), bins
+
+    def __call__(self, sorted_probs: torch.Tensor) -> torch.Tensor:
+        """Estimated acceptance ``[..., K]`` of children whose draft probabilities
+        ``[..., K]`` are sorted descending (position = sibling rank)."""
+        ranks = torch.arange(sorted_probs.shape[-1]).expand_as(sorted_probs)
+        rank_cell, bin_cell = self._cells(sorted_probs, ranks)
+        hits, trials = self.accepted[rank_cell, bin_cell], self.trials[rank_cell, bin_cell]
+        prior = sorted_probs.double()
+        return ((hits + self.prior_strength * prior) / (trials + self.prior_strength)).to(sorted_probs.dtype)
+
+    def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
+        ranks ``[T]`` and whether the target accepted each ``[T]`` bool."""
+        rank_cell, bin_cell = self._cells(probs, ranks)
+        flat = rank_cell * self.trials.shape[1] + bin_cell
+        self.trials.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.accepted.view(-1).index_add_(0, flat, accepted.double())

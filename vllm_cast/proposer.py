@@ -1,0 +1,178 @@
+"""CAST's drafter: vLLM's EAGLE-3 proposer with the chain loop replaced by a cost-aware
+tree (dynamic expansion, breadth/depth pruning, dynamic reranking; see tree_builder).
+
+Per step: vLLM's EAGLE first pass over the verified tokens (unchanged), then one draft
+forward per tree layer whose queries are that layer's frontier nodes. A frontier node at
+depth ``d`` is forwarded at RoPE position ``p + d`` (``p``: the position of the request's
+last verified row) and its draft K/V is written at the next free logical slot after
+``p``; it attends to the whole verified context and to its own ancestors among the nodes
+forwarded earlier (a tree plan for the CPU attention backend). The verified tree goes back
+to vLLM flattened in topological order as the request's draft tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import set_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.eagle import EagleProposer
+
+from vllm_cast.acceptance import AcceptanceCalibrator
+from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
+from vllm_cast.cost_model import StepCosts
+from vllm_cast.tree import FlatTree
+from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
+
+CostSource = Callable[[int, float], StepCosts]
+"""(batch size, mean context length in tokens) -> the step's cost curves."""
+
+
+@dataclasses.dataclass
+class _DraftedNodes:
+    """Nodes already run through the draft model this step, per request.
+
+    ancestors ``[B, F, F]`` bool (row i: node i and its forwarded ancestors); hidden
+    ``[B, W, H]`` the newest layer's draft hidden states (inputs of its children); offset:
+    index of the newest layer's first node among the F."""
+
+    ancestors: torch.Tensor
+    hidden: torch.Tensor
+    offset: int = -1
+
+    @property
+    def count(self) -> int:
+        return int(self.ancestors.shape[1])
+
+
+class CastProposer(EagleProposer):
+    """EAGLE-3 proposer drafting CAST trees; returns per-request draft lists."""
+
+    def __init__(self, vllm_config, device: torch.device, runner=None) -> None:
+        super().__init__(vllm_config, device, runner=runner)
+        spec = vllm_config.speculative_config
+        self.cast_params = spec.cast
+        self.max_nodes = spec.num_speculative_tokens
+        self.ratio_history: deque[float] = deque([1.0], maxlen=self.cast_params.ratio_buffer_size)
+        self.calibrator = AcceptanceCalibrator()
+        self.cost_source: CostSource | None = None
+        self.draftable: list[bool] | None = None
+        self.last_trees: list[FlatTree] = []
+        self.last_decision: StepDecision | None = None
+        self.last_root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Each request's top-K first draft tokens and their probabilities ``[B, K]``: the
+        calibrator learns from them every step, speculating or not."""
+
+    def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
+                  slot_mappings=None) -> None:
+        """Warm-up/profiling passes: one per possible tree layer, not one per node."""
+        configured, self.num_speculative_tokens = self.num_speculative_tokens, min(
+            self.num_speculative_tokens, self.cast_params.max_depth + 1)
+        try:
+            super().dummy_run(num_tokens, use_cudagraphs, is_graph_capturing, slot_mappings)
+        finally:
+            self.num_speculative_tokens = configured
+
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None) -> list[list[int]]:
+        """vLLM's proposer interface; returns the draft tokens of each request's tree."""
+        normed, hidden, cad, sample_rows = self._first_pass(
+            target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
+            common_attn_metadata, num_rejected_tokens_gpu)
+        batch = cad.batch_size()
+        self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
+        if num_speculative_tokens == 0 or self.cost_source is None:
+            return [[] for _ in range(batch)]
+        root_positions = self.positions[sample_rows].clone()
+        # Context the next verification attends over, in tokens, averaged over the batch.
+        context = float((root_positions + 2).float().mean())
+        builder = CastTreeBuilder(self.cast_params, self.cost_source(batch, context), self.max_nodes,
+                                  self.ratio_history, calibrate=self.calibrator)
+        frontier = builder.start(self._probs(normed))
+        self.last_root_candidates = builder.root_candidates
+        drafted = _DraftedNodes(ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool), hidden=hidden[:, None, :])
+        while frontier is not None and self._fits(drafted, frontier, batch):
+            normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, cad,
+                                                       depth=builder.decision.depth)
+            drafted.offset = drafted.count - frontier.width
+            drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
+            frontier = builder.expand(self._probs(normed).view(batch, frontier.width, -1))
+        caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
+        self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
+        self.last_decision = builder.decision
+        return [tree.draft_tokens for tree in self.last_trees]
+
+    def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:
+        """Whether one more layer fits the K lookahead slots and the token buffers."""
+        return (drafted.count + frontier.width <= self.max_nodes
+                and batch * frontier.width <= self.input_ids.shape[0])
+
+    def _probs(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft distribution over the target vocabulary ``[n, V]`` from normed hidden ``[n, H]``."""
+        return self.model.compute_logits(normed_hidden).float().softmax(-1).cpu()
+
+    def _first_pass(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                    token_indices_to_sample, cad: CommonAttentionMetadata, num_rejected_tokens_gpu):
+        """vLLM's EAGLE-3 first pass over the verified tokens. Returns the normed and the
+        pre-norm draft hidden states at each request's sampled row (``[B, H]`` each), the
+        attention metadata and those rows ``[B]``."""
+        target_hidden_states = self.model.combine_hidden_states(target_hidden_states)
+        num_tokens, sample_rows, cad = self.set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids, target_positions=target_positions,
+            target_hidden_states=target_hidden_states, token_indices_to_sample=token_indices_to_sample, cad=cad,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+        model_kwargs, _ = self.build_model_inputs_first_pass(num_tokens, num_tokens, None)
+        with set_forward_context(per_layer, self.vllm_config, num_tokens=num_tokens,
+                                 cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                                 slot_mapping=self._get_slot_mapping(num_tokens, cad.slot_mapping)):
+            normed, hidden = self.model(**model_kwargs)
+        return normed[sample_rows], hidden[sample_rows], cad, sample_rows
+
+    def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, root_positions: torch.Tensor,
+                       cad: CommonAttentionMetadata, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one frontier ``[B, W]`` through the draft model under its tree mask; extends
+        ``drafted.ancestors``. Returns normed and pre-norm hidden states ``[B * W, H]``."""
+        batch, width = frontier.tokens.shape
+        before = drafted.count
+        rows = torch.zeros(batch, width, before + width, dtype=torch.bool)
+        if drafted.offset >= 0:
+            parents = drafted.offset + frontier.parent_slot
+            rows[:, :, :before] = torch.gather(drafted.ancestors, 1, parents[:, :, None].expand(-1, -1, before))
+        rows[:, torch.arange(width), before + torch.arange(width)] = True
+        grown = torch.zeros(batch, before + width, before + width, dtype=torch.bool)
+        grown[:, :before, :before] = drafted.ancestors
+        grown[:, before:] = rows
+        drafted.ancestors = grown
+
+        prefix = root_positions.cpu() + 1  # verified draft context per request
+        logical = prefix[:, None] + before + torch.arange(width)[None, :]
+        block_size = self.block_size
+        block_ids = torch.gather(cad.block_table_tensor.cpu()[:batch], 1, (logical // block_size).long())
+        slots = (block_ids * block_size + logical % block_size).flatten().to(cad.slot_mapping.dtype)
+        seq_lens = (prefix + before + width).to(cad.seq_lens.dtype)
+        num_tokens = batch * width
+        layer_cad = dataclasses.replace(
+            cad, query_start_loc=(torch.arange(batch + 1, dtype=torch.int32) * width).to(cad.query_start_loc.device),
+            query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32) * width,
+            seq_lens=seq_lens.to(cad.seq_lens.device), num_actual_tokens=num_tokens, max_query_len=width,
+            max_seq_len=int(seq_lens.max()), slot_mapping=slots.to(cad.slot_mapping.device), positions=None,
+            seq_lens_cpu_upper_bound=None, causal=True)
+        plan = TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
+        with active_plan(plan):
+            _, per_layer = self.build_per_group_and_layer_attn_metadata(layer_cad, draft_index=depth)
+
+        parent_hidden = torch.gather(drafted.hidden, 1, frontier.parent_slot.clamp_min(0).to(drafted.hidden.device)
+                                     [:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
+        self.input_ids[:num_tokens] = frontier.tokens.flatten().to(self.input_ids)
+        self.positions[:num_tokens] = (root_positions[:, None] + depth).expand(-1, width).flatten().to(self.positions)
+        self.hidden_states[:num_tokens] = parent_hidden.reshape(num_tokens, -1)
+        with set_forward_context(per_layer, self.vllm_config, num_tokens=num_tokens,
+                                 cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                                 slot_mapping=self._get_slot_mapping(num_tokens, layer_cad.slot_mapping)):
+            return self.model(input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
+                              hidden_states=self.hidden_states[:num_tokens])

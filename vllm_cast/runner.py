@@ -1,0 +1,230 @@
+"""CAST inside vLLM's V1 model runner: tree positions and masks for verification, tree
+acceptance, KV compaction of the accepted path, and the tree proposer.
+
+Per step, for each request whose scheduled draft tokens are a prefix of the tree CAST
+proposed for it last step: its verification rows get depth-based RoPE positions and an
+ancestor mask (slots stay sequential); after the forward, tree acceptance picks the
+longest matching path; the accepted nodes' target K/V (and the rows the drafter reads:
+token ids, hidden states) move to contiguous positions so the rest of vLLM sees an
+ordinary chain of accepted tokens. Requests without a stored tree verify as chains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.worker import gpu_model_runner
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from vllm_cast.attention.cpu_kv_layout import move_tokens
+from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
+from vllm_cast.cost_model import profile_table
+from vllm_cast.cost_tables import cost_source, resolve_table, table_key
+from vllm_cast.engine_profiler import ForwardTimers, grids
+from vllm_cast.proposer import CastProposer, CostSource
+from vllm_cast.stats import CastStats
+from vllm_cast.tree import FlatTree, ancestor_mask, depths
+from vllm_cast.tree_sampler import TreeVerdicts, needs_logits_processing, verify_trees
+
+
+@contextlib.contextmanager
+def _eagle_proposer_is_cast() -> Iterator[None]:
+    """Make vLLM's runner construct :class:`CastProposer` where it builds EAGLE's."""
+    original = gpu_model_runner.EagleProposer
+    gpu_model_runner.EagleProposer = CastProposer
+    try:
+        yield
+    finally:
+        gpu_model_runner.EagleProposer = original
+
+
+class CastRunnerMixin:
+    """Overrides of vLLM's V1 ``GPUModelRunner`` methods for CAST (see module doc)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        with _eagle_proposer_is_cast():
+            super().__init__(*args, **kwargs)
+        self.cast_trees: dict[str, FlatTree] = {}
+        self._step_trees: list[FlatTree | None] = []
+        self._verify_plan: TreePlan | None = None
+        self._verdicts: TreeVerdicts | None = None
+        self.cast_stats = CastStats()
+        self._root_candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.sampler.logprobs_mode not in ("raw_logprobs", "raw_logits"):
+            raise ValueError(f"CAST supports logprobs_mode raw_logprobs or raw_logits, not {self.sampler.logprobs_mode!r}")
+
+    def set_cost_source(self, source: CostSource) -> None:
+        self.drafter.cost_source = source
+
+    def cast_prepare_costs(self) -> None:
+        """Load or profile the cost table (worker start-up, after the KV cache exists)."""
+        params = self.drafter.cast_params
+        spec = self.vllm_config.speculative_config
+        key = table_key(self.model_config.model, spec.draft_model_config.model, self.model_config.dtype, self.device)
+        max_tokens = max(self.drafter.max_nodes + 1, params.node_top_k)
+        timers = ForwardTimers(self)
+        batches, contexts, tokens = grids(self.scheduler_config.max_num_seqs, self.max_model_len, max_tokens,
+                                          self.kv_cache_config.num_blocks - 1, timers.block_size)
+        table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft,
+                                                                 batches, contexts, tokens), max_tokens)
+        self.set_cost_source(cost_source(table, max_tokens))
+
+    # -- verification inputs -------------------------------------------------------------
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
+        return result
+
+    def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
+        """Depth positions and ancestor masks for requests verifying a stored tree."""
+        self._step_trees = [None] * self.input_batch.num_reqs
+        starts = self.query_start_loc.np
+        requests = []
+        for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            index = self.input_batch.req_id_to_index[req_id]
+            tree = self.cast_trees.get(req_id)
+            count = len(drafts)
+            if tree is None or count == 0 or num_scheduled_tokens[index] != count + 1:
+                continue
+            if tree.draft_tokens[:count] != list(drafts):
+                continue
+            self._step_trees[index] = tree.prefix(count + 1)
+            parents = tree.parents[: count + 1]
+            if torch.equal(parents[1:], torch.arange(count)):
+                continue  # a chain: vLLM's causal path is already right
+            context = int(self.input_batch.num_computed_tokens_cpu[index])
+            start = int(starts[index])
+            self.positions[start : start + count + 1] = (context + depths(parents)).to(self.positions)
+            requests.append(TreeRequest(index, context, ancestor_mask(parents)))
+        self._verify_plan = TreePlan(tuple(requests)) if requests else None
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        with active_plan(self._verify_plan):
+            return super()._build_attention_metadata(*args, **kwargs)
+
+    # -- acceptance --------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: SpecDecodeMetadata | None):
+        self._verdicts = None
+        self.cast_trees = {}  # consumed by this step's _prepare_inputs; refilled by drafting
+        if spec_decode_metadata is None:
+            return super()._sample(logits, spec_decode_metadata)
+        self.input_batch.update_async_output_token_ids()
+        parents = [None if tree is None else tree.parents.tolist() for tree in self._step_trees]
+        output, self._verdicts = verify_trees(
+            logits, spec_decode_metadata, parents, self._plain_requests(),
+            self.input_batch.sampling_metadata, self.sampler)
+        self._compact_accepted_kv()
+        self._record_acceptance()
+        self.cast_stats.record_verification(list(spec_decode_metadata.num_draft_tokens),
+                                            [len(path) for path in self._verdicts.paths])
+        return output
+
+    def _record_acceptance(self) -> None:
+        """Feed the drafter's calibrator with this step's outcomes: every first-layer
+        candidate drafted last step (accepted iff it is the token the target drew after
+        the root) and every deeper verified node whose parent was accepted."""
+        probs, ranks, accepted = [], [], []
+        discarded = self.discard_request_mask.np
+        for index, (path, emitted) in enumerate(zip(self._verdicts.paths, self._verdicts.tokens)):
+            roots = self._root_candidates.get(self.input_batch.req_ids[index])
+            if roots is None or discarded[index]:
+                continue
+            tokens, draft_probs = roots
+            probs.append(draft_probs)
+            ranks.append(torch.arange(tokens.numel()))
+            accepted.append(tokens == emitted[0])
+            tree = self._step_trees[index]
+            if tree is None or tree.draft_probs is None:
+                continue
+            on_path = torch.zeros(len(tree), dtype=torch.bool)
+            on_path[[0, *path]] = True
+            deeper = on_path[tree.parents[1:]] & (tree.parents[1:] > 0)
+            probs.append(tree.draft_probs[1:][deeper])
+            ranks.append(tree.ranks[1:][deeper])
+            accepted.append(on_path[1:][deeper])
+        if probs:
+            self.drafter.calibrator.record(torch.cat(probs), torch.cat(ranks), torch.cat(accepted))
+
+    def _plain_requests(self) -> list[bool]:
+        """Per batch row: may this request take drafts (see tree_sampler)?"""
+        return [not needs_logits_processing(self.requests[req_id].sampling_params)
+                for req_id in self.input_batch.req_ids[: self.input_batch.num_reqs]]
+
+    def _moved_paths(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(batch row, context length, accepted tree nodes) for paths that are not
+        already contiguous."""
+        for index, path in enumerate(self._verdicts.paths if self._verdicts else []):
+            if path and path != list(range(1, len(path) + 1)):
+                yield index, int(self.input_batch.num_computed_tokens_cpu[index]), torch.tensor(path)
+
+    def _target_kv_caches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(KV cache group, cache tensor) of every target attention layer (each tensor once)."""
+        draft_layers = set(self.drafter._draft_attn_layer_names)
+        seen: set[int] = set()
+        for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
+            for name in group.layer_names:
+                context = self.compilation_config.static_forward_context.get(name)
+                cache = getattr(context, "kv_cache", None)
+                if name in draft_layers or not isinstance(cache, torch.Tensor) or cache.data_ptr() in seen:
+                    continue
+                seen.add(cache.data_ptr())
+                yield group_id, cache
+
+    def _compact_accepted_kv(self) -> None:
+        """Move each accepted path's target K/V to the slots right after its root."""
+        moves = list(self._moved_paths())
+        if not moves:
+            return
+        for group_id, cache in self._target_kv_caches():
+            table = self.input_batch.block_table.block_tables[group_id]
+            block_size = table.block_size
+            sources, targets = [], []
+            for index, context, path in moves:
+                blocks = table.block_table.cpu[index]
+                for logical, collection in ((context + path, sources),
+                                            (context + torch.arange(1, len(path) + 1), targets)):
+                    collection.append(blocks[logical // block_size].long() * block_size + logical % block_size)
+            move_tokens(cache, torch.cat(sources).to(cache.device), torch.cat(targets).to(cache.device))
+
+    # -- drafting ------------------------------------------------------------------------
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                common_attn_metadata, slot_mappings):
+        self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
+        self.drafter.draftable = self._plain_requests()
+        self.drafter.last_trees = []
+        drafts = super().propose_draft_token_ids(
+            scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
+            aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
+        req_ids = self.input_batch.req_ids
+        self.cast_trees = {req_ids[i]: tree for i, tree in enumerate(self.drafter.last_trees) if len(tree) > 1}
+        roots = self.drafter.last_root_candidates
+        self._root_candidates = {} if roots is None else {
+            req_ids[i]: (roots[0][i], roots[1][i]) for i in range(roots[0].shape[0])}
+        if self.drafter.last_decision is not None:
+            self.cast_stats.record(self.drafter.last_decision, len(self.drafter.last_trees))
+        return drafts
+
+    def _chain_accepted_rows(self, hidden_states: torch.Tensor, aux_hidden_states: list[torch.Tensor] | None,
+                             spec_decode_metadata: SpecDecodeMetadata | None) -> None:
+        """Reorder the rows the drafter's first pass reads (token ids, positions, target
+        hidden states) so each accepted path sits right after its root, as a chain would."""
+        if spec_decode_metadata is None:
+            return
+        starts = self.query_start_loc.np
+        for index, context, path in self._moved_paths():
+            start = int(starts[index])
+            source = start + path
+            target = start + torch.arange(1, len(path) + 1)
+            for rows in [self.input_ids.gpu, hidden_states, *(aux_hidden_states or [])]:
+                rows[target.to(rows.device)] = rows[source.to(rows.device)].clone()
+            count = spec_decode_metadata.num_draft_tokens[index] + 1
+            self.positions[start : start + count] = context + torch.arange(count)
+
+
+class CastCPUModelRunner(CastRunnerMixin, CPUModelRunner):
+    """vLLM's CPU model runner (V1) with CAST trees."""
