@@ -50,6 +50,9 @@ class CastParams:
     """Hard cap on draft layers (tree depth below the root)."""
     ratio_buffer_size: int = 4
     """R: how many recent layer-to-layer utility ratios the depth rule averages."""
+    acceptance_calibration: bool = True
+    """Value nodes by learned acceptance rates instead of raw draft probabilities
+    (see vllm_cast.acceptance); False gives EAGLE-2's raw path probabilities."""
     cost_table: str | None = None
     """Path of a cost table (JSON); default: the per-hardware file in the cache."""
     profile: ProfileMode = "auto"
@@ -83,6 +86,9 @@ class CastParams:
                 raise CastConfigError(
                     f"speculative_config key '{name}' must be one of {list(get_args(allowed))}, got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.acceptance_calibration, bool):
+            raise CastConfigError(
+                f"speculative_config key 'acceptance_calibration' must be true or false, got {self.acceptance_calibration!r}")
         if self.cost_table is not None and not isinstance(self.cost_table, str):
             raise CastConfigError(f"speculative_config key 'cost_table' must be a path string, got {self.cost_table!r}")
 

@@ -24,8 +24,12 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import StepCosts
+from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
+
+PROBE_INTERVAL_STEPS = 16
+"""Steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
 
 CostSource = Callable[[int, float], StepCosts]
 """(batch size, mean context length in tokens) -> the step's cost curves."""
@@ -60,6 +64,11 @@ class CastProposer(EagleProposer):
         self.calibrator = AcceptanceCalibrator()
         self.cost_source: CostSource | None = None
         self.draftable: list[bool] | None = None
+        self.batch_req_ids: list[str] = []
+        """Request ids of the batch rows (set by the runner before each proposal)."""
+        self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
+        self.skipped_steps = 0
+        """Steps on which the draft model did not run (dormant)."""
         self.last_trees: list[FlatTree] = []
         self.last_decision: StepDecision | None = None
         self.last_root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -80,22 +89,40 @@ class CastProposer(EagleProposer):
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None) -> list[list[int]]:
         """vLLM's proposer interface; returns the draft tokens of each request's tree."""
+        batch = common_attn_metadata.batch_size()
+        self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
+        no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
+        if no_padding and self.dormancy.should_skip(batch, target_token_ids.numel()):
+            self.dormancy.remember(self.batch_req_ids, target_token_ids, target_positions, target_hidden_states,
+                                   common_attn_metadata.query_start_loc_cpu.tolist())
+            self.skipped_steps += 1
+            return [[] for _ in range(batch)]
+        if no_padding and self.dormancy.stash:
+            replayed = self.dormancy.replay(self.batch_req_ids, target_token_ids, target_positions,
+                                            target_hidden_states, common_attn_metadata, self.block_size,
+                                            self.max_num_tokens)
+            if replayed is not None:
+                target_token_ids, target_positions, target_hidden_states, common_attn_metadata, \
+                    token_indices_to_sample = replayed
+                num_rejected_tokens_gpu = None
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
-        batch = cad.batch_size()
-        self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
         if num_speculative_tokens == 0 or self.cost_source is None:
             return [[] for _ in range(batch)]
         root_positions = self.positions[sample_rows].clone()
         # Context the next verification attends over, in tokens, averaged over the batch.
         context = float((root_positions + 2).float().mean())
-        builder = CastTreeBuilder(self.cast_params, self.cost_source(batch, context), self.max_nodes,
-                                  self.ratio_history, calibrate=self.calibrator)
+        costs = self.cost_source(batch, context)
+        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes,
+                                  self.ratio_history,
+                                  calibrate=self.calibrator if self.cast_params.acceptance_calibration else None)
         frontier = builder.start(self._probs(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool), hidden=hidden[:, None, :])
+        forwarded_widths = []
         while frontier is not None and self._fits(drafted, frontier, batch):
+            forwarded_widths.append(frontier.width)
             normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, cad,
                                                        depth=builder.decision.depth)
             drafted.offset = drafted.count - frontier.width
@@ -104,6 +131,11 @@ class CastProposer(EagleProposer):
         caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         self.last_decision = builder.decision
+        if not any(builder.decision.verified):
+            self.dormancy.enter(batch)
+        self.last_decision.predicted_draft_seconds = float(costs.draft[1] + sum(costs.draft[w] for w in forwarded_widths))
+        verified = max(builder.decision.verified, default=0)
+        self.last_decision.predicted_verify_seconds = float(costs.target[min(1 + verified, costs.target.numel() - 1)])
         return [tree.draft_tokens for tree in self.last_trees]
 
     def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:

@@ -12,6 +12,7 @@ ordinary chain of accepted tokens. Requests without a stored tree verify as chai
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,12 +54,18 @@ class CastRunnerMixin:
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
+        self._step_started = 0.0
+        self._predicted_verify_seconds: float | None = None
         self._root_candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.sampler.logprobs_mode not in ("raw_logprobs", "raw_logits"):
             raise ValueError(f"CAST supports logprobs_mode raw_logprobs or raw_logits, not {self.sampler.logprobs_mode!r}")
 
     def set_cost_source(self, source: CostSource) -> None:
         self.drafter.cost_source = source
+
+    def cast_summary(self) -> dict[str, float]:
+        """CAST's decision statistics plus the steps the draft model was skipped."""
+        return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps}
 
     def cast_prepare_costs(self) -> None:
         """Load or profile the cost table (worker start-up, after the KV cache exists)."""
@@ -72,6 +79,21 @@ class CastRunnerMixin:
         table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft,
                                                                  batches, contexts, tokens), max_tokens)
         self.set_cost_source(cost_source(table, max_tokens))
+
+    # -- step timing (measured against the cost table's prediction) ------------------------
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self._step_started = time.perf_counter()
+        return super().execute_model(scheduler_output, intermediate_tensors)
+
+    def sample_tokens(self, grammar_output):
+        predicted_verify = self._predicted_verify_seconds
+        output = super().sample_tokens(grammar_output)
+        decision = self.drafter.last_decision
+        if decision is not None and predicted_verify is not None:
+            self.cast_stats.record_step_time(time.perf_counter() - self._step_started,
+                                             predicted_verify + decision.predicted_draft_seconds)
+        self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
+        return output
 
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
@@ -110,6 +132,7 @@ class CastRunnerMixin:
     def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: SpecDecodeMetadata | None):
         self._verdicts = None
         self.cast_trees = {}  # consumed by this step's _prepare_inputs; refilled by drafting
+        self.drafter.last_decision = None
         if spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
         self.input_batch.update_async_output_token_ids()
@@ -196,6 +219,7 @@ class CastRunnerMixin:
                                 common_attn_metadata, slot_mappings):
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
         self.drafter.draftable = self._plain_requests()
+        self.drafter.batch_req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         self.drafter.last_trees = []
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,

@@ -29,6 +29,11 @@ class CastStats:
     """Request-steps that verified at least one draft node (vLLM's "num_drafts")."""
     accepted_tokens: int = 0
     """Draft tokens accepted in those (bonus tokens excluded)."""
+    timed_steps: int = 0
+    measured_step_seconds: float = 0.0
+    """Wall time of engine steps (target forward + acceptance + drafting), summed."""
+    predicted_step_seconds: float = 0.0
+    """The cost table's prediction for the same steps, summed."""
 
     def record(self, decision: StepDecision, batch_size: int) -> None:
         self.steps += 1
@@ -50,6 +55,11 @@ class CastStats:
         self.verified_drafts += sum(1 for n in draft_counts if n > 0)
         self.accepted_tokens += sum(a for n, a in zip(draft_counts, accepted_counts) if n > 0)
 
+    def record_step_time(self, measured: float, predicted: float) -> None:
+        self.timed_steps += 1
+        self.measured_step_seconds += measured
+        self.predicted_step_seconds += predicted
+
     def summary(self) -> dict[str, float]:
         """Totals plus means: depth per speculating step, verified nodes per request,
         batch size per step, tokens per verifying request-step (bonus included)."""
@@ -57,5 +67,7 @@ class CastStats:
         out["mean_depth"] = self.depth_sum / max(1, self.speculating_steps)
         out["mean_verified_per_request"] = self.verified_sum / max(1, self.requests_sum)
         out["mean_batch_size"] = self.batch_size_sum / max(1, self.steps)
+        out["mean_measured_step_ms"] = 1e3 * self.measured_step_seconds / max(1, self.timed_steps)
+        out["mean_predicted_step_ms"] = 1e3 * self.predicted_step_seconds / max(1, self.timed_steps)
         out["mean_accepted_length"] = 1 + self.accepted_tokens / max(1, self.verified_drafts)
         return out

@@ -52,6 +52,10 @@ class StepDecision:
     widths: list[int] = field(default_factory=list)
     verified: list[int] = field(default_factory=list)
     expected_accepted: float = 0.0
+    predicted_draft_seconds: float = 0.0
+    """Cost table's time for this step's draft passes (first pass + one per tree layer)."""
+    predicted_verify_seconds: float = 0.0
+    """Cost table's time for the target forward that verifies the largest tree."""
 
     @property
     def depth(self) -> int:

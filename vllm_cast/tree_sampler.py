@@ -85,6 +85,10 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
     Returns vLLM's SamplerOutput (``[num_reqs, 1 + max N]`` int32, -1 padded, logprobs of
     emitted tokens when requested) and the verdicts."""
     num_drafts = spec.num_draft_tokens
+    if not any(num_drafts):  # plain decoding step: vLLM's sampler, untouched
+        output = sampler(logits, metadata)
+        tokens = output.sampled_token_ids[:, 0].tolist()
+        return output, TreeVerdicts(paths=[[] for _ in tokens], tokens=[[t] for t in tokens])
     starts = [0]
     for n in num_drafts:
         starts.append(starts[-1] + n + 1)

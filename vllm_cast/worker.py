@@ -38,4 +38,4 @@ class CastCPUWorker(CPUWorker):
 
     def cast_stats(self) -> dict[str, float]:
         """CAST's running decision statistics (``LLM.collective_rpc("cast_stats")``)."""
-        return self.model_runner.cast_stats.summary()
+        return self.model_runner.cast_summary()

@@ -1,0 +1,75 @@
+"""One benchmark configuration in its own process: build the engine once, then time every
+(task, temperature, batch size) cell and print one JSON object per cell on stdout.
+
+Invoked by ``benchmarks.speedup``; not meant to be run by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _counters(llm) -> dict[str, float]:
+    return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--spec", default="null", help="speculative_config as JSON (null: vanilla)")
+    parser.add_argument("--cells", required=True, help="JSON list of [task, temperature, batch_size]")
+    parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    from vllm_cast.prompts import load_prompts
+
+    spec = json.loads(args.spec)
+    cells = json.loads(args.cells)
+    llm = LLM(model=args.target, speculative_config=spec, dtype=args.dtype, enforce_eager=True, max_model_len=4096,
+              seed=0, disable_log_stats=False, max_num_seqs=max(b for _, _, b in cells))
+    is_cast = bool(spec) and spec.get("method") == "cast"
+
+    def run(task: str, temperature: float, batch: int) -> tuple[float, int]:
+        prompts = load_prompts(task)
+        prompts = [prompts[i % len(prompts)] for i in range(batch)]
+        params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    run(cells[0][0], 0.0, 1)  # warm-up
+    for task, temperature, batch in cells:
+        before = _counters(llm)
+        stats_before = llm.collective_rpc("cast_stats")[0] if is_cast else None
+        seconds, tokens = run(task, temperature, batch)
+        after = _counters(llm)
+
+        def delta(name: str) -> float:
+            return after.get(f"vllm:spec_decode_{name}", 0.0) - before.get(f"vllm:spec_decode_{name}", 0.0)
+
+        drafts = delta("num_drafts")
+        row = {"task": task, "temperature": temperature, "batch_size": batch, "seconds": seconds, "tokens": tokens,
+               "tokens_per_s": tokens / seconds,
+               "mean_accepted_length": 1 + delta("num_accepted_tokens") / drafts if drafts else 1.0,
+               "verified_tokens_per_step": 1 + delta("num_draft_tokens") / drafts if drafts else 1.0}
+        if is_cast:
+            stats = llm.collective_rpc("cast_stats")[0]
+            steps = stats["timed_steps"] - stats_before["timed_steps"]
+            if steps:
+                row["measured_step_ms"] = 1e3 * (stats["measured_step_seconds"] - stats_before["measured_step_seconds"]) / steps
+                row["predicted_step_ms"] = 1e3 * (stats["predicted_step_seconds"] - stats_before["predicted_step_seconds"]) / steps
+        print("ROW " + json.dumps(row), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # skip engine teardown
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Side-by-side decoding benchmark on the locally built model pair: vanilla decoding,
+vLLM's EAGLE-3 chain (best num_speculative_tokens per cell), fixed EAGLE-2 trees (paper
+defaults and a tuned setting) and CAST, over the six task sets, batch sizes and
+temperatures 0 and 1. Each configuration runs in its own process; all run in one go.
+
+``python -m benchmarks.speedup`` (small grid, minutes on CPU) or ``--full``; writes
+``speedup.json``, ``speedup.png`` and ``speedup.md`` to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_cast.prompts import TASKS
+
+FIXED_TREE = {"breadth_threshold": 1e-9, "depth_threshold": 0.0, "verify_threshold": 1e-9,
+              "acceptance_calibration": False, "expansion_utility": "layer"}
+"""CAST's builder reduced to EAGLE-2: every layer keeps top_k, depth is fixed, the
+total_token - 1 best nodes by raw path probability are verified (Theorem 4.1's limit)."""
+
+
+def configurations(draft: str) -> dict[str, dict | None]:
+    def chain(k: int) -> dict:
+        return {"method": "eagle3", "model": draft, "num_speculative_tokens": k}
+
+    def fixed(top_k: int, depth: int, total_tokens: int) -> dict:
+        return {"method": "cast", "model": draft, "num_speculative_tokens": total_tokens - 1, "node_top_k": top_k,
+                "max_depth": depth, **FIXED_TREE}
+
+    return {
+        "vanilla": None,
+        "eagle3_chain_k1": chain(1), "eagle3_chain_k2": chain(2), "eagle3_chain_k4": chain(4),
+        "eagle2_tree_default": fixed(top_k=10, depth=5, total_tokens=60),
+        "eagle2_tree_tuned": fixed(top_k=4, depth=4, total_tokens=16),
+        "cast": {"method": "cast", "model": draft},
+        "cast_c1": {"method": "cast", "model": draft, "breadth_threshold": 1.0, "depth_threshold": 1.0,
+                    "verify_threshold": 1.0},
+        "cast_c05": {"method": "cast", "model": draft, "breadth_threshold": 0.5, "depth_threshold": 0.5,
+                     "verify_threshold": 0.5},
+    }
+
+
+def run_configuration(name: str, spec: dict | None, target: str, cells: list, max_tokens: int) -> list[dict]:
+    cmd = [sys.executable, "-m", "benchmarks.run_config", "--target", target, "--spec", json.dumps(spec),
+           "--cells", json.dumps(cells), "--max-tokens", str(max_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode != 0 or len(rows) != len(cells):
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [{"config": name, **row} for row in rows]
+
+
+def add_derived(rows: list[dict]) -> list[dict]:
+    """Speedup over vanilla per cell, and the best EAGLE-3 chain per cell."""
+    def cell(row: dict) -> tuple:
+        return row["task"], row["temperature"], row["batch_size"]
+
+    vanilla = {cell(r): r["tokens_per_s"] for r in rows if r["config"] == "vanilla"}
+    best_chain = {}
+    for row in rows:
+        if row["config"].startswith("eagle3_chain_") and row["tokens_per_s"] > best_chain.get(cell(row), {}).get("tokens_per_s", 0):
+            best_chain[cell(row)] = row
+    rows = rows + [{**row, "config": "eagle3_chain_best", "chain_k": int(row["config"].rsplit("k", 1)[1])}
+                   for row in best_chain.values()]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / vanilla[cell(row)]
+    return rows
+
+
+def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
+    """Per (config, temperature, batch size): means over tasks."""
+    out = []
+    keys = sorted({(r["config"], r["temperature"], r["batch_size"]) for r in rows})
+    for config, temperature, batch in keys:
+        if config not in configs:
+            continue
+        group = [r for r in rows if (r["config"], r["temperature"], r["batch_size"]) == (config, temperature, batch)]
+        entry = {"config": config, "temperature": temperature, "batch_size": batch}
+        for field in ("speedup", "tokens_per_s", "mean_accepted_length", "verified_tokens_per_step",
+                      "measured_step_ms", "predicted_step_ms"):
+            values = [r[field] for r in group if field in r]
+            if values:
+                entry[field] = statistics.fmean(values)
+        out.append(entry)
+    return out
+
+
+def plot(summary: list[dict], configs: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temperatures = sorted({s["temperature"] for s in summary})
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(6 * len(temperatures), 4.5), squeeze=False)
+    for ax, temperature in zip(axes[0], temperatures):
+        for config in configs:
+            points = sorted((s["batch_size"], s["speedup"]) for s in summary
+                            if s["config"] == config and s["temperature"] == temperature)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=config)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over vanilla (tokens/s)")
+        ax.set_title(f"temperature {temperature:g} (mean over tasks)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| config | T | batch | speedup | tokens/s | mean accepted length | verified tokens/step | predicted / measured step ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        timing = (f"{s['predicted_step_ms']:.2f} / {s['measured_step_ms']:.2f}"
+                  if "measured_step_ms" in s else "")
+        lines.append(f"| {s['config']} | {s['temperature']:g} | {s['batch_size']} | {s['speedup']:.2f} | "
+                     f"{s['tokens_per_s']:.0f} | {s['mean_accepted_length']:.2f} | {s['verified_tokens_per_step']:.2f} | {timing} |")
+    return "\n".join(lines) + "\n"
+
+
+REPORTED = ["vanilla", "eagle3_chain_best", "eagle2_tree_default", "eagle2_tree_tuned", "cast", "cast_c1", "cast_c05"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="batch sizes 1-32, 64 tokens (default: 1/4/16, 32 tokens)")
+    parser.add_argument("--size", default="ci", help="fixture recipe (ci or bench)")
+    parser.add_argument("--configs", nargs="*", help="subset of configurations to run")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    args = parser.parse_args()
+
+    from vllm_cast.fixtures.build import build_fixture
+
+    fixture = build_fixture(args.size)
+    batches = [1, 2, 4, 8, 16, 32] if args.full else [1, 4, 16]
+    max_tokens = 64 if args.full else 32
+    cells = [[task, temperature, batch] for temperature in (0.0, 1.0) for batch in batches for task in TASKS]
+    configs = configurations(str(fixture / "eagle3"))
+    names = args.configs or list(configs)
+    rows = []
+    for name in tqdm(names, desc="configurations", unit="config"):
+        rows += run_configuration(name, configs[name], str(fixture / "target"), cells, max_tokens)
+    rows = add_derived(rows)
+    summary = summarise(rows, REPORTED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"fixture": str(fixture), "batch_sizes": batches, "max_tokens": max_tokens, "tasks": list(TASKS),
+            "device": __import__("vllm_cast.cost_model", fromlist=["device_name"]).device_name()}
+    (args.out / "speedup.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    plot(summary, REPORTED, args.out / "speedup.png")
+    table = markdown(summary)
+    (args.out / "speedup.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Skipping the draft model while CAST does not speculate, without losing its KV cache.
+
+When CAST's decision for a step is "no tree for anyone", running EAGLE's draft pass every
+step only to keep the draft KV cache complete can cost more than speculation ever wins
+back (on CPU the one-layer head costs a third of a small target). CAST then goes dormant:
+for the next ``probe_interval`` steps the draft model does not run and the target rows it
+would have read (token, position, auxiliary hidden states) are kept per request. The next
+drafting step (a probe, or any step where the batch shrank) replays them in front of its
+own rows in one batched first pass, so the draft KV cache ends up exactly as if the draft
+had run every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+
+@dataclass
+class _Rows:
+    """One request's remembered target rows: tokens ``[n]``, positions ``[n]``, auxiliary
+    hidden states ``[n, A]``."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    hidden: torch.Tensor
+
+
+class DraftDormancy:
+    """Dormancy state of one proposer (see module doc)."""
+
+    def __init__(self, probe_interval: int, max_rows: int) -> None:
+        self.probe_interval = probe_interval
+        self.max_rows = max_rows
+        self.steps_left = 0
+        self.batch_size = 0
+        self.stash: dict[str, _Rows] = {}
+
+    def enter(self, batch_size: int) -> None:
+        """CAST chose no tree at this batch size: skip drafting for a while."""
+        self.steps_left = self.probe_interval
+        self.batch_size = batch_size
+
+    def should_skip(self, batch_size: int, new_rows: int) -> bool:
+        """Whether this step may skip the draft: dormant, the batch did not shrink, and the
+        remembered rows plus this step's (twice, to leave room at wake-up) fit the buffers."""
+        stashed = sum(rows.tokens.numel() for rows in self.stash.values())
+        skip = self.steps_left > 0 and batch_size >= self.batch_size and stashed + 2 * new_rows <= self.max_rows
+        self.steps_left = self.steps_left - 1 if skip else 0
+        return skip
+
+    def remember(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
+                 query_start_loc: list[int]) -> None:
+        """Keep this step's rows (tokens/positions ``[T]``, hidden ``[T, A]``) per request."""
+        stash = {}
+        for index, req_id in enumerate(req_ids):
+            rows = slice(query_start_loc[index], query_start_loc[index + 1])
+            new = _Rows(tokens[rows].clone(), positions[rows].clone(), hidden[rows].clone())
+            old = self.stash.get(req_id)
+            if old is not None and int(old.positions[-1]) + 1 == int(new.positions[0]):
+                new = _Rows(torch.cat([old.tokens, new.tokens]), torch.cat([old.positions, new.positions]),
+                            torch.cat([old.hidden, new.hidden]))
+            stash[req_id] = new
+        self.stash = stash  # requests that left the batch are forgotten
+
+    def replay(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
+               cad: CommonAttentionMetadata, block_size: int, max_rows: int):
+        """Prepend remembered rows to this step's. Returns (tokens ``[T']``, positions
+        ``[T']``, hidden ``[T', A]``, attention metadata, each request's last row ``[B]``),
+        or None when nothing is remembered (or it would not fit ``max_rows``)."""
+        stash, self.stash = self.stash, {}
+        starts = cad.query_start_loc_cpu.tolist()
+        pieces, lengths = [], []
+        for index, req_id in enumerate(req_ids):
+            rows = slice(starts[index], starts[index + 1])
+            current = _Rows(tokens[rows], positions[rows], hidden[rows])
+            old = stash.get(req_id)
+            if old is not None and int(old.positions[-1]) + 1 == int(current.positions[0]):
+                pieces += [old, current]
+                lengths.append(old.tokens.numel() + current.tokens.numel())
+            else:
+                pieces.append(current)
+                lengths.append(current.tokens.numel())
+        total = sum(lengths)
+        if total == tokens.numel() or total > max_rows:
+            return None
+        merged = _Rows(*(torch.cat([getattr(p, name) for p in pieces]) for name in ("tokens", "positions", "hidden")))
+        query_start = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        query_start[1:] = torch.tensor(lengths).cumsum(0)
+        request_of_row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        table = cad.block_table_tensor.cpu()
+        row_positions = merged.positions.cpu().long()
+        slots = table[request_of_row, row_positions // block_size].long() * block_size + row_positions % block_size
+        device = cad.query_start_loc.device
+        merged_cad = CommonAttentionMetadata(
+            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=cad.seq_lens,
+            num_reqs=cad.num_reqs, num_actual_tokens=total, max_query_len=max(lengths), max_seq_len=cad.max_seq_len,
+            block_table_tensor=cad.block_table_tensor, slot_mapping=slots.to(cad.slot_mapping), causal=True)
+        last_rows = (query_start[1:] - 1).to(device)
+        return merged.tokens, merged.positions, merged.hidden, merged_cad, last_rows
