@@ -12,6 +12,7 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; avoids the memory-utilisation start check
 
 
 def _counters(llm) -> dict[str, float]:

@@ -7,8 +7,8 @@ bash scripts/bootstrap.sh
 export VLLM_CAST_CACHE="$PWD/.cache" VLLM_CACHE_ROOT="$PWD/.cache/vllm"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 FIXTURE=$(.venv/bin/python -m vllm_cast.fixtures.build --size "${FIXTURE_SIZE:-ci}" | tail -n 1)
-# num_speculative_tokens 4: until the tree path lands (issue 4) CAST drafts an EAGLE-3 chain of that length
-SPEC="{\"method\": \"cast\", \"model\": \"$FIXTURE/eagle3\", \"num_speculative_tokens\": 4}"
+# Trees of up to 16 nodes; CAST_KEYS adds CAST keys, e.g. CAST_KEYS='"breadth_threshold": 0.5,'
+SPEC="{${CAST_KEYS:-} \"method\": \"cast\", \"model\": \"$FIXTURE/eagle3\", \"num_speculative_tokens\": 16}"
 echo "serving $FIXTURE/target with speculative config $SPEC"
 exec .venv/bin/vllm-cast serve "$FIXTURE/target" --host 127.0.0.1 --port "${PORT:-8000}" \
   --max-model-len 4096 --enforce-eager --speculative-config "$SPEC" "$@"

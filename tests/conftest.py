@@ -88,3 +88,9 @@ def chain_llm(target_dir: str, draft_dir: str):
     """vLLM's own EAGLE-3 chain on the same pair. Engines live for the whole session: an
     in-process engine's shutdown tears down the distributed state the others share."""
     return make_llm(target_dir, {"method": "eagle3", "model": draft_dir, "num_speculative_tokens": 4})
+
+
+@pytest.fixture(scope="session")
+def default_cast_llm(target_dir: str, draft_dir: str):
+    """CAST with the paper's thresholds: on this CPU it mostly chooses not to speculate."""
+    return make_llm(target_dir, {"method": "cast", "model": draft_dir, "num_speculative_tokens": 16})

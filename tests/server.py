@@ -65,3 +65,30 @@ def complete(url: str, model: str, prompt: str, max_tokens: int, temperature: fl
     )
     reply.raise_for_status()
     return reply.json()["choices"][0]["text"]
+
+
+def stream(url: str, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
+           abort_after: int | None = None) -> str:
+    """Text of one streamed /v1/completions answer; with ``abort_after`` the client drops
+    the connection after that many chunks (a client abort)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
+    text, chunks = [], 0
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            text.append(json.loads(line[6:])["choices"][0]["text"])
+            chunks += 1
+            if abort_after is not None and chunks >= abort_after:
+                break
+    return "".join(text)
+
+
+def gauge(url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples on the server's /metrics."""
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

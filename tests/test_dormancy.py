@@ -1,0 +1,69 @@
+"""Skipping the draft model while CAST does not speculate (vllm_cast.dormancy)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import cast_stats, greedy_token_ids
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_cast.dormancy import DraftDormancy
+from vllm_cast.prompts import TASKS, load_prompts
+
+BLOCK = 4
+
+
+def _step(positions: list[list[int]], width: int = 3):
+    """Rows of one step for requests with the given positions: tokens = position * 10,
+    hidden rows filled with the position."""
+    flat = torch.tensor([p for request in positions for p in request])
+    starts = [0]
+    for request in positions:
+        starts.append(starts[-1] + len(request))
+    return flat * 10, flat, flat[:, None].float().expand(-1, width).clone(), starts
+
+
+def _metadata(starts: list[int], table: torch.Tensor) -> CommonAttentionMetadata:
+    query_start = torch.tensor(starts, dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start, query_start_loc_cpu=query_start, seq_lens=torch.zeros(len(starts) - 1),
+        num_reqs=len(starts) - 1, num_actual_tokens=starts[-1], max_query_len=1, max_seq_len=64,
+        block_table_tensor=table, slot_mapping=torch.zeros(starts[-1], dtype=torch.int64))
+
+
+def test_replay_prepends_remembered_rows_in_order_with_their_slots():
+    dormancy = DraftDormancy(probe_interval=2, max_rows=100)
+    dormancy.enter(batch_size=2)
+    table = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]], dtype=torch.int32)
+    for step in range(2):
+        tokens, positions, hidden, starts = _step([[5 + step], [9 + step]])
+        assert dormancy.should_skip(2, tokens.numel())
+        dormancy.remember(["a", "b"], tokens, positions, hidden, starts)
+    assert not dormancy.should_skip(2, 2), "the probe step must draft"
+    tokens, positions, hidden, starts = _step([[7], [11, 12]])  # b: a two-token step
+    tokens, positions, hidden, cad, last_rows = dormancy.replay(
+        ["a", "b"], tokens, positions, hidden, _metadata(starts, table), BLOCK, max_rows=100)
+    assert positions.tolist() == [5, 6, 7, 9, 10, 11, 12]
+    assert tokens.tolist() == [50, 60, 70, 90, 100, 110, 120]
+    assert hidden[:, 0].tolist() == [5, 6, 7, 9, 10, 11, 12]
+    assert cad.query_start_loc_cpu.tolist() == [0, 3, 7]
+    assert last_rows.tolist() == [2, 6]
+    expected_slots = [int(table[r, p // BLOCK]) * BLOCK + p % BLOCK for r, p in
+                      [(0, 5), (0, 6), (0, 7), (1, 9), (1, 10), (1, 11), (1, 12)]]
+    assert cad.slot_mapping.tolist() == expected_slots
+    assert not dormancy.stash
+
+
+def test_rows_of_a_recomputed_or_finished_request_are_dropped():
+    dormancy = DraftDormancy(probe_interval=4, max_rows=100)
+    tokens, positions, hidden, starts = _step([[5], [9]])
+    dormancy.remember(["a", "b"], tokens, positions, hidden, starts)
+    tokens, positions, hidden, starts = _step([[0, 1, 2]])  # "a" preempted: recomputed from 0
+    dormancy.remember(["a"], tokens, positions, hidden, starts)
+    assert list(dormancy.stash) == ["a"] and dormancy.stash["a"].positions.tolist() == [0, 1, 2]
+
+
+def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_cast_llm):
+    prompts = [load_prompts(task, limit=1)[0] for task in TASKS]
+    before = cast_stats(default_cast_llm)["dormant_steps"]
+    assert greedy_token_ids(default_cast_llm, prompts, 40) == greedy_token_ids(vanilla_llm, prompts, 40)
+    assert cast_stats(default_cast_llm)["dormant_steps"] > before, "CAST never skipped the draft model"
