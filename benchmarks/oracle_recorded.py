@@ -1,7 +1,7 @@
 """CAST's tree choice against the exhaustively best tree, on draft distributions recorded
 from the real EAGLE-3 head inside vLLM and on the cost table CAST profiled on this machine.
 
-The engine drafts full trees (top-3 children, 3 layers, raw probabilities) while a recording
+The engine drafts full trees (top-3 children, 2 layers, raw probabilities) while a recording
 builder keeps the draft distribution of every expanded path of the first request; offline,
 ``vllm_cast.oracle`` scores CAST's tree and the best tree on each recorded step.
 
@@ -26,7 +26,7 @@ from vllm_cast.cost_model import StepCosts  # noqa: E402
 from vllm_cast.oracle import best_tree, cast_tree  # noqa: E402
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier  # noqa: E402
 
-TOP_K, LAYERS = 3, 3
+TOP_K, LAYERS = 3, 2  # the engine expands every node of layer 1, so the oracle may pick any widths
 RECORDING = {"node_top_k": TOP_K, "max_depth": LAYERS, "breadth_threshold": 1e-9, "depth_threshold": 0.0,
              "verify_threshold": 1e-9, "acceptance_calibration": False, "expansion_utility": "layer",
              "num_speculative_tokens": 16}
