@@ -14,17 +14,18 @@ import json
 import os
 import statistics
 from pathlib import Path
+from typing import ClassVar
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from vllm_cast import proposer  # noqa: E402
-from vllm_cast.config import CastParams  # noqa: E402
-from vllm_cast.cost_model import StepCosts  # noqa: E402
-from vllm_cast.oracle import best_tree, cast_tree  # noqa: E402
-from vllm_cast.tree_builder import CastTreeBuilder, Frontier  # noqa: E402
+from vllm_cast import proposer
+from vllm_cast.config import CastParams
+from vllm_cast.cost_model import StepCosts
+from vllm_cast.oracle import best_tree, cast_tree
+from vllm_cast.tree_builder import CastTreeBuilder, Frontier
 
 TOP_K, LAYERS = 3, 2  # the engine expands every node of layer 1, so the oracle may pick any widths
 RECORDING = {"node_top_k": TOP_K, "max_depth": LAYERS, "breadth_threshold": 1e-9, "depth_threshold": 0.0,
@@ -35,7 +36,7 @@ RECORDING = {"node_top_k": TOP_K, "max_depth": LAYERS, "breadth_threshold": 1e-9
 class RecordingTreeBuilder(CastTreeBuilder):
     """Keeps ``path -> draft distribution [V]`` for every path it expands (request 0)."""
 
-    recorded: list[dict[tuple[int, ...], torch.Tensor]] = []
+    recorded: ClassVar[list[dict[tuple[int, ...], torch.Tensor]]] = []
 
     def _follow(self, frontier: Frontier | None) -> Frontier | None:
         if frontier is not None:

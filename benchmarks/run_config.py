@@ -53,7 +53,7 @@ def main() -> None:
         seconds, tokens = run(task, temperature, batch)
         after = _counters(llm)
 
-        def delta(name: str) -> float:
+        def delta(name: str, after=after, before=before) -> float:
             return after.get(f"vllm:spec_decode_{name}", 0.0) - before.get(f"vllm:spec_decode_{name}", 0.0)
 
         drafts = delta("num_drafts")

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, seed=0, disable_log_stats=False)
+ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 4096, "seed": 0, "disable_log_stats": False}
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,6 @@ def gauge(url: str, name: str) -> float:
     """Sum of a Prometheus metric's samples on the server's /metrics."""
     total = 0.0
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -51,6 +51,7 @@ def test_other_methods_untouched(target_dir, draft_dir):
         ({"profile": "sometimes"}, "profile"),
         ({"decision_scope": "global"}, "decision_scope"),
         ({"cost_table": 5}, "cost_table"),
+        ({"acceptance_calibration": "yes"}, "acceptance_calibration"),
         ({"num_speculative_tokens": 129}, "num_speculative_tokens"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"model": None}, "model"),
@@ -82,3 +83,37 @@ def test_mismatched_draft_is_refused(target_dir, draft_dir, tmp_path, key, value
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(CastConfigError, match=message):
         engine_config(target_dir, {"method": "cast", "model": str(bad)})
+
+
+def _table(target_dir: str, draft_dir: str, **key_changes):
+    import torch
+
+    from vllm_cast.cost_model import CostTable
+    from vllm_cast.cost_tables import table_key
+
+    key = table_key(target_dir, draft_dir, "float32", "cpu")
+    key = type(key)(**{**key.__dict__, **key_changes})
+    grid = torch.ones(1, 1, 2, dtype=torch.float64)
+    return CostTable(key, [1], [128], [1, 2], grid, grid)
+
+
+def test_cost_table_from_other_hardware_is_refused_at_start_up(target_dir, draft_dir, tmp_path):
+    path = tmp_path / "table.json"
+    _table(target_dir, draft_dir, device="cpu:Some Other CPU:64threads").save(path)
+    spec = {"method": "cast", "model": draft_dir, "cost_table": str(path)}
+    with pytest.raises(CastConfigError, match="'cost_table'.*device"):
+        engine_config(target_dir, spec, dtype="float32")
+
+
+def test_corrupt_cost_table_is_refused_at_start_up(target_dir, draft_dir, tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text('{"format": 1, "key": {')
+    with pytest.raises(CastConfigError, match="'cost_table'.*corrupt"):
+        engine_config(target_dir, {"method": "cast", "model": draft_dir, "cost_table": str(path)}, dtype="float32")
+
+
+def test_matching_cost_table_is_accepted(target_dir, draft_dir, tmp_path):
+    path = tmp_path / "table.json"
+    _table(target_dir, draft_dir).save(path)
+    config = engine_config(target_dir, {"method": "cast", "model": draft_dir, "cost_table": str(path)}, dtype="float32")
+    assert config.speculative_config.cast.cost_table == str(path)

@@ -64,3 +64,16 @@ def test_mixed_temperatures_and_structured_output_in_one_batch(pressure_engines)
     assert all(len(o.outputs[0].token_ids) > 0 for o in outputs[len(prompts) : -1])
     assert outputs[-1].outputs[0].text in {"yes", "no", "maybe"}
     assert outputs[-1].outputs[0].text == vanilla.generate([prompts[0]], choice, use_tqdm=False)[0].outputs[0].text
+
+
+def test_prompt_filling_the_context_exactly(pressure_engines):
+    from vllm.inputs import TokensPrompt
+
+    vanilla, cast = pressure_engines
+    text = " ".join(load_prompts("sum", limit=3))
+    ids = vanilla.get_tokenizer()(text)["input_ids"][:740]
+    params = SamplingParams(temperature=0.0, max_tokens=PRESSURE["max_model_len"] - len(ids))
+    expected = _texts(vanilla, [TokensPrompt(prompt_token_ids=ids)], params)
+    got = _texts(cast, [TokensPrompt(prompt_token_ids=ids)], params)
+    assert len(ids) + len(got[0]) == PRESSURE["max_model_len"]
+    assert got == expected

@@ -13,8 +13,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 from pydantic import Field
 from vllm.config import SpeculativeConfig
 from vllm.config.utils import config
@@ -176,10 +178,33 @@ def check_eagle3_draft(draft: str, target_hf_config: Any) -> None:
         )
 
 
+def check_cost_table(params: CastParams, target_model_config: Any, draft: str) -> None:
+    """Refuse, before any engine starts, a given cost table that is corrupt or was measured
+    for other hardware, models, dtype or vLLM (unless profile='force' replaces it)."""
+    if params.cost_table is None or params.profile == "force":
+        return
+    from vllm_cast.cost_model import CostTable, CostTableError, TableKey
+    from vllm_cast.cost_tables import table_key
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = table_key(target_model_config.model, draft, target_model_config.dtype, device)
+    try:
+        table = CostTable.load(Path(params.cost_table))
+        # The worker pins its own thread count; compare the CPU model, not the threads.
+        same_device = TableKey(**{**table.key.__dict__, "device": table.key.device.rsplit(":", 1)[0]})
+        problem = TableKey(**{**expected.__dict__, "device": expected.device.rsplit(":", 1)[0]}).mismatch(same_device)
+    except CostTableError as err:
+        raise CastConfigError(f"speculative_config key 'cost_table': {err}") from err
+    if problem:
+        raise CastConfigError(f"speculative_config key 'cost_table': {params.cost_table} was measured for other "
+                              f"hardware or models ({problem}); use profile='force' to re-profile")
+
+
 def build_cast_speculative_config(raw: dict[str, Any], target_model_config: Any, target_parallel_config: Any) -> CastSpeculativeConfig:
     """Validate ``raw`` (a "cast" speculative_config dict) and build the vLLM config."""
     vllm_kwargs, params = split_cast_keys(raw)
     check_eagle3_draft(str(vllm_kwargs["model"]), target_model_config.hf_config)
+    check_cost_table(params, target_model_config, str(vllm_kwargs["model"]))
     return CastSpeculativeConfig(
         cast=params,
         target_model_config=target_model_config,
