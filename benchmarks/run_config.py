@@ -1,5 +1,7 @@
-"""One benchmark configuration in its own process: build the engine once, then time every
-(task, temperature, batch size) cell and print one JSON object per cell on stdout.
+"""One benchmark configuration in its own process: build the engine once, print ``READY``,
+then for every ``[task, temperature, batch_size]`` JSON line on stdin time that cell and print
+one ``ROW {json}`` line (an empty line ends the process). The driver sends the same cell to
+every configuration in turn, so drift in machine speed hits all of them alike.
 
 Invoked by ``benchmarks.speedup``; not meant to be run by hand."""
 
@@ -23,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", required=True)
     parser.add_argument("--spec", default="null", help="speculative_config as JSON (null: vanilla)")
-    parser.add_argument("--cells", required=True, help="JSON list of [task, temperature, batch_size]")
+    parser.add_argument("--max-batch", type=int, required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -33,9 +35,8 @@ def main() -> None:
     from vllm_cast.prompts import load_prompts
 
     spec = json.loads(args.spec)
-    cells = json.loads(args.cells)
     llm = LLM(model=args.target, speculative_config=spec, dtype=args.dtype, enforce_eager=True, max_model_len=4096,
-              seed=0, disable_log_stats=False, max_num_seqs=max(b for _, _, b in cells))
+              seed=0, disable_log_stats=False, max_num_seqs=args.max_batch)
     is_cast = bool(spec) and spec.get("method") == "cast"
 
     def run(task: str, temperature: float, batch: int) -> tuple[float, int]:
@@ -46,8 +47,12 @@ def main() -> None:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    run(cells[0][0], 0.0, 1)  # warm-up
-    for task, temperature, batch in cells:
+    run("mt_bench", 0.0, 1)  # warm-up
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        task, temperature, batch = json.loads(line)
         before = _counters(llm)
         stats_before = llm.collective_rpc("cast_stats")[0] if is_cast else None
         seconds, tokens = run(task, temperature, batch)

@@ -1,7 +1,8 @@
 """Side-by-side decoding benchmark on the locally built model pair: vanilla decoding,
 vLLM's EAGLE-3 chain (best num_speculative_tokens per cell), fixed EAGLE-2 trees (paper
 defaults and a tuned setting) and CAST, over the six task sets, batch sizes and
-temperatures 0 and 1. Each configuration runs in its own process; all run in one go.
+temperatures 0 and 1. Each configuration runs in its own process; all run at once and
+every cell is run on each configuration in turn (median of ``--repeats``).
 
 ``python -m benchmarks.speedup`` (small grid, minutes on CPU) or ``--full``; writes
 ``speedup.json``, ``speedup.png`` and ``speedup.md`` to ``--out``."""
@@ -42,19 +43,50 @@ def configurations(draft: str) -> dict[str, dict | None]:
         "cast": {"method": "cast", "model": draft},
         "cast_c1": {"method": "cast", "model": draft, "breadth_threshold": 1.0, "depth_threshold": 1.0,
                     "verify_threshold": 1.0},
-        "cast_c05": {"method": "cast", "model": draft, "breadth_threshold": 0.5, "depth_threshold": 0.5,
-                     "verify_threshold": 0.5},
     }
 
 
-def run_configuration(name: str, spec: dict | None, target: str, cells: list, max_tokens: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "benchmarks.run_config", "--target", target, "--spec", json.dumps(spec),
-           "--cells", json.dumps(cells), "--max-tokens", str(max_tokens)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if proc.returncode != 0 or len(rows) != len(cells):
-        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return [{"config": name, **row} for row in rows]
+class ConfigurationProcess:
+    """One configuration's engine in its own process (benchmarks.run_config)."""
+
+    def __init__(self, name: str, spec: dict | None, target: str, max_batch: int, max_tokens: int) -> None:
+        self.name = name
+        cmd = [sys.executable, "-m", "benchmarks.run_config", "--target", target, "--spec", json.dumps(spec),
+               "--max-batch", str(max_batch), "--max-tokens", str(max_tokens)]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"speedup_{name}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"{self.name} exited ({self.proc.wait()}); see {self.log.name}")
+
+    def run(self, cell: list) -> dict:
+        self.proc.stdin.write(json.dumps(cell) + "\n")
+        self.proc.stdin.flush()
+        return {"config": self.name, **json.loads(self._expect("ROW ")[4:])}
+
+    def close(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=120)
+
+
+def run_interleaved(processes: list[ConfigurationProcess], cells: list, repeats: int) -> list[dict]:
+    """Every cell on every configuration in turn, ``repeats`` times; per (config, cell) the
+    repeat with the median tokens/s is kept."""
+    rows = []
+    for cell in tqdm(cells, desc="cells", unit="cell"):
+        samples: dict[str, list[dict]] = {p.name: [] for p in processes}
+        for _ in range(repeats):
+            for process in processes:
+                samples[process.name].append(process.run(cell))
+        for runs in samples.values():
+            runs.sort(key=lambda row: row["tokens_per_s"])
+            rows.append(runs[len(runs) // 2])
+    return rows
 
 
 def add_derived(rows: list[dict]) -> list[dict]:
@@ -127,7 +159,7 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-REPORTED = ["vanilla", "eagle3_chain_best", "eagle2_tree_default", "eagle2_tree_tuned", "cast", "cast_c1", "cast_c05"]
+REPORTED = ["vanilla", "eagle3_chain_best", "eagle2_tree_default", "eagle2_tree_tuned", "cast", "cast_c1"]
 
 
 def main() -> None:
@@ -135,6 +167,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="batch sizes 1-32, 64 tokens (default: 1/4/16, 32 tokens)")
     parser.add_argument("--size", default="ci", help="fixture recipe (ci or bench)")
     parser.add_argument("--configs", nargs="*", help="subset of configurations to run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell and configuration (median kept)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     args = parser.parse_args()
 
@@ -146,10 +179,14 @@ def main() -> None:
     cells = [[task, temperature, batch] for temperature in (0.0, 1.0) for batch in batches for task in TASKS]
     configs = configurations(str(fixture / "eagle3"))
     names = args.configs or list(configs)
-    rows = []
-    for name in tqdm(names, desc="configurations", unit="config"):
-        rows += run_configuration(name, configs[name], str(fixture / "target"), cells, max_tokens)
-    rows = add_derived(rows)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine (whole GiB); all run at once
+    processes = [ConfigurationProcess(name, configs[name], str(fixture / "target"), max(batches), max_tokens)
+                 for name in tqdm(names, desc="start engines", unit="engine")]
+    try:
+        rows = add_derived(run_interleaved(processes, cells, args.repeats))
+    finally:
+        for process in processes:
+            process.close()
     summary = summarise(rows, REPORTED)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"fixture": str(fixture), "batch_sizes": batches, "max_tokens": max_tokens, "tasks": list(TASKS),

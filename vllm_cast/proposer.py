@@ -68,7 +68,7 @@ class CastProposer(EagleProposer):
         """Request ids of the batch rows (set by the runner before each proposal)."""
         self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
         self.skipped_steps = 0
-        """Steps on which the draft model did not run (dormant)."""
+        """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
         self.last_decision: StepDecision | None = None
         self.last_root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,11 +92,6 @@ class CastProposer(EagleProposer):
         batch = common_attn_metadata.batch_size()
         self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
         no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
-        if no_padding and self.dormancy.should_skip(batch, target_token_ids.numel()):
-            self.dormancy.remember(self.batch_req_ids, target_token_ids, target_positions, target_hidden_states,
-                                   common_attn_metadata.query_start_loc_cpu.tolist())
-            self.skipped_steps += 1
-            return [[] for _ in range(batch)]
         if no_padding and self.dormancy.stash:
             replayed = self.dormancy.replay(self.batch_req_ids, target_token_ids, target_positions,
                                             target_hidden_states, common_attn_metadata, self.block_size,

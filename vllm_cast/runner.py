@@ -217,10 +217,14 @@ class CastRunnerMixin:
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                                 common_attn_metadata, slot_mappings):
+        self.drafter.last_trees = []
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        if self._skip_drafting(scheduler_output, spec_decode_metadata, aux_hidden_states, req_ids):
+            self._root_candidates = {}
+            return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
         self.drafter.draftable = self._plain_requests()
-        self.drafter.batch_req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        self.drafter.last_trees = []
+        self.drafter.batch_req_ids = req_ids
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
             aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
@@ -232,6 +236,20 @@ class CastRunnerMixin:
         if self.drafter.last_decision is not None:
             self.cast_stats.record(self.drafter.last_decision, len(self.drafter.last_trees))
         return drafts
+
+    def _skip_drafting(self, scheduler_output, spec_decode_metadata: SpecDecodeMetadata | None,
+                       aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
+        """While dormant (see vllm_cast.dormancy) and nothing was drafted this step: keep the
+        rows the drafter would read and skip all of vLLM's and CAST's drafting work."""
+        drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
+        total = scheduler_output.total_num_scheduled_tokens
+        if drafted or aux_hidden_states is None or not self.drafter.dormancy.should_skip(len(req_ids), total):
+            return False
+        self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],
+                                       torch.cat([h[:total] for h in aux_hidden_states], dim=-1),
+                                       self.query_start_loc.np[: len(req_ids) + 1].tolist())
+        self.drafter.skipped_steps += 1
+        return True
 
     def _chain_accepted_rows(self, hidden_states: torch.Tensor, aux_hidden_states: list[torch.Tensor] | None,
                              spec_decode_metadata: SpecDecodeMetadata | None) -> None:
