@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from conftest import tree_spec
-from server import complete, served
 from vllm import SamplingParams
 
 from vllm_cast.prompts import TASKS, load_prompts
+from vllm_cast.serving import complete, served
 
 PROMPTS = [load_prompts(task, limit=1)[0] for task in TASKS]
 

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from conftest import tree_spec
-from server import complete, gauge, served, stream
 from vllm import SamplingParams
 
 from vllm_cast.prompts import TASKS, load_prompts
+from vllm_cast.serving import complete, gauge, served, stream
 
 CLIENTS = 6
 REQUESTS = 48

@@ -1,4 +1,4 @@
-"""Start ``vllm-cast serve`` on loopback for tests and talk to it."""
+"""Start ``vllm-cast serve`` on loopback and talk to it (tests and the load benchmark)."""
 
 from __future__ import annotations
 
@@ -67,22 +67,31 @@ def complete(url: str, model: str, prompt: str, max_tokens: int, temperature: fl
     return reply.json()["choices"][0]["text"]
 
 
-def stream(url: str, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
-           abort_after: int | None = None) -> str:
-    """Text of one streamed /v1/completions answer; with ``abort_after`` the client drops
-    the connection after that many chunks (a client abort)."""
+def timed_stream(url: str, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
+                 abort_after: int | None = None) -> tuple[str, float, float]:
+    """One streamed /v1/completions answer: (text, seconds to the first chunk, seconds in
+    all); with ``abort_after`` the client drops the connection after that many chunks."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
-    text, chunks = [], 0
+    text, chunks, first = [], 0, float("nan")
+    start = time.perf_counter()
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
+            if chunks == 0:
+                first = time.perf_counter() - start
             text.append(json.loads(line[6:])["choices"][0]["text"])
             chunks += 1
             if abort_after is not None and chunks >= abort_after:
                 break
-    return "".join(text)
+    return "".join(text), first, time.perf_counter() - start
+
+
+def stream(url: str, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
+           abort_after: int | None = None) -> str:
+    """Text of one streamed answer (see :func:`timed_stream`)."""
+    return timed_stream(url, model, prompt, max_tokens, temperature, abort_after)[0]
 
 
 def gauge(url: str, name: str) -> float:

@@ -1,0 +1,81 @@
+"""Throughput and latency of the OpenAI server (``vllm-cast serve``, loopback) under
+concurrent streaming load, in the style of ``vllm bench serve``: vanilla, vLLM's EAGLE-3
+chain and CAST on the same model pair and the same requests.
+
+``python -m benchmarks.serve_load [--requests N] [--concurrency C ...] [--out DIR]`` writes
+``serve_load.json`` and prints a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_cast.prompts import TASKS, load_prompts
+from vllm_cast.serving import served, timed_stream
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float]:
+    """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        replies = list(pool.map(lambda p: timed_stream(url, model, p, max_tokens), prompts))
+    wall = time.perf_counter() - started
+    ttft = [first for _, first, _ in replies]
+    latency = [total for _, _, total in replies]
+    return {"concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
+            "requests_per_s": len(prompts) / wall, "output_tokens_per_s": len(prompts) * max_tokens / wall,
+            **{f"ttft_p{q}_ms": 1e3 * percentile(ttft, q) for q in (50, 90, 99)},
+            **{f"latency_p{q}_ms": 1e3 * percentile(latency, q) for q in (50, 90, 99)},
+            "mean_latency_ms": 1e3 * statistics.fmean(latency)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_small"))
+    args = parser.parse_args()
+
+    from vllm_cast.fixtures.build import build_fixture
+
+    fixture = build_fixture("ci")
+    target, draft = str(fixture / "target"), str(fixture / "eagle3")
+    prompts = [p for task in TASKS for p in load_prompts(task, limit=args.requests)]
+    prompts = [prompts[(i * 7) % len(prompts)][:1500] for i in range(args.requests)]
+    configs = {"vanilla": None, "eagle3_chain_k2": {"method": "eagle3", "model": draft, "num_speculative_tokens": 2},
+               "cast": {"method": "cast", "model": draft, "num_speculative_tokens": 16}}
+    rows = []
+    with tempfile.TemporaryDirectory() as logs:
+        for name, spec in tqdm(configs.items(), desc="servers", unit="server"):
+            with served(target, spec, Path(logs) / f"{name}.log",
+                        extra_args=("--max-num-seqs", str(max(args.concurrency)))) as url:
+                timed_stream(url, target, prompts[0], 4)  # warm-up
+                rows += [{"config": name, **load(url, target, prompts, args.max_tokens, c)} for c in args.concurrency]
+    vanilla = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
+    for row in rows:
+        row["throughput_vs_vanilla"] = row["output_tokens_per_s"] / vanilla[row["concurrency"]]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_load.json").write_text(json.dumps(rows, indent=1))
+    print("| config | clients | tokens/s | vs vanilla | TTFT p50/p99 ms | latency p50/p90/p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['throughput_vs_vanilla']:.2f} | "
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+              f"{r['latency_p50_ms']:.0f} / {r['latency_p90_ms']:.0f} / {r['latency_p99_ms']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
