@@ -41,7 +41,7 @@ def test_replay_prepends_remembered_rows_in_order_with_their_slots():
     assert not dormancy.should_skip(2, 2), "the probe step must draft"
     tokens, positions, hidden, starts = _step([[7], [11, 12]])  # b: a two-token step
     tokens, positions, hidden, cad, last_rows = dormancy.replay(
-        ["a", "b"], tokens, positions, hidden, _metadata(starts, table), BLOCK, max_rows=100)
+        ["a", "b"], tokens, positions, hidden, _metadata(starts, table), BLOCK)
     assert positions.tolist() == [5, 6, 7, 9, 10, 11, 12]
     assert tokens.tolist() == [50, 60, 70, 90, 100, 110, 120]
     assert hidden[:, 0].tolist() == [5, 6, 7, 9, 10, 11, 12]

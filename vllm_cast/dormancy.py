@@ -65,10 +65,10 @@ class DraftDormancy:
         self.stash = stash  # requests that left the batch are forgotten
 
     def replay(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
-               cad: CommonAttentionMetadata, block_size: int, max_rows: int):
+               cad: CommonAttentionMetadata, block_size: int):
         """Prepend remembered rows to this step's. Returns (tokens ``[T']``, positions
         ``[T']``, hidden ``[T', A]``, attention metadata, each request's last row ``[B]``),
-        or None when nothing is remembered (or it would not fit ``max_rows``)."""
+        or None when nothing is remembered (or it would not fit ``self.max_rows``)."""
         stash, self.stash = self.stash, {}
         starts = cad.query_start_loc_cpu.tolist()
         pieces, lengths = [], []
@@ -83,7 +83,7 @@ class DraftDormancy:
                 pieces.append(current)
                 lengths.append(current.tokens.numel())
         total = sum(lengths)
-        if total == tokens.numel() or total > max_rows:
+        if total == tokens.numel() or total > self.max_rows:
             return None
         merged = _Rows(*(torch.cat([getattr(p, name) for p in pieces]) for name in ("tokens", "positions", "hidden")))
         query_start = torch.zeros(len(lengths) + 1, dtype=torch.int32)

@@ -94,8 +94,7 @@ class CastProposer(EagleProposer):
         no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
         if no_padding and self.dormancy.stash:
             replayed = self.dormancy.replay(self.batch_req_ids, target_token_ids, target_positions,
-                                            target_hidden_states, common_attn_metadata, self.block_size,
-                                            self.max_num_tokens)
+                                            target_hidden_states, common_attn_metadata, self.block_size)
             if replayed is not None:
                 target_token_ids, target_positions, target_hidden_states, common_attn_metadata, \
                     token_indices_to_sample = replayed

@@ -51,6 +51,7 @@ class CastRunnerMixin:
             super().__init__(*args, **kwargs)
         self.cast_trees: dict[str, FlatTree] = {}
         self._step_trees: list[FlatTree | None] = []
+        self._plain: list[bool] = []
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
@@ -98,6 +99,7 @@ class CastRunnerMixin:
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._plain = self._plain_requests()  # used by acceptance and drafting this step
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
 
@@ -138,7 +140,7 @@ class CastRunnerMixin:
         self.input_batch.update_async_output_token_ids()
         parents = [None if tree is None else tree.parents.tolist() for tree in self._step_trees]
         output, self._verdicts = verify_trees(
-            logits, spec_decode_metadata, parents, self._plain_requests(),
+            logits, spec_decode_metadata, parents, self._plain,
             self.input_batch.sampling_metadata, self.sampler)
         self._compact_accepted_kv()
         self._record_acceptance()
@@ -223,7 +225,7 @@ class CastRunnerMixin:
             self._root_candidates = {}
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
-        self.drafter.draftable = self._plain_requests()
+        self.drafter.draftable = self._plain
         self.drafter.batch_req_ids = req_ids
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,

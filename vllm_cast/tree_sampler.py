@@ -25,6 +25,9 @@ from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
+from vllm_cast.tree import FlatTree
+from vllm_cast.verify import verify_greedy
+
 PLACEHOLDER_TOKEN_ID = -1
 GREEDY_EPS = 1e-5
 
@@ -62,19 +65,6 @@ def _node_tokens(logits: torch.Tensor, request: int, metadata: SamplingMetadata)
     return (probs / race).argmax(-1)
 
 
-def _walk(parents: list[int], tokens: list[int], drawn: list[int]) -> tuple[list[int], list[int]]:
-    """Accepted nodes and emitted tokens for one tree (``parents``/``tokens`` over nodes,
-    ``drawn[i]`` the target's draw after node ``i``)."""
-    children: dict[int, dict[int, int]] = {}
-    for node in range(1, len(parents)):
-        children.setdefault(parents[node], {}).setdefault(tokens[node], node)
-    path, node = [], 0
-    while (child := children.get(node, {}).get(drawn[node])) is not None:
-        path.append(child)
-        node = child
-    return path, [tokens[n] for n in path] + [drawn[node]]
-
-
 def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[list[int] | None],
                  plain: list[bool], metadata: SamplingMetadata, sampler: Sampler) -> tuple[SamplerOutput, TreeVerdicts]:
     """Tree acceptance for a batch.
@@ -104,10 +94,11 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
         offset = starts[r] - r  # draft tokens are packed without roots
         tokens = [-1] + draft_ids[offset : offset + n]
         tree_parents = parents[r] or list(range(-1, n))
-        drawn = _node_tokens(logits[starts[r] : starts[r + 1]], r, metadata).tolist()
-        path, emitted = _walk(tree_parents, tokens, drawn)
-        verdicts.paths.append(path)
-        verdicts.tokens.append(emitted)
+        drawn = _node_tokens(logits[starts[r] : starts[r + 1]], r, metadata)
+        tree = FlatTree(torch.tensor(tokens), torch.tensor(tree_parents), torch.ones(n + 1))
+        verdict = verify_greedy(tree, drawn)  # the walk is the same for argmax and sampled draws
+        verdicts.paths.append(verdict.accepted)
+        verdicts.tokens.append(verdict.tokens)
     width = 1 + max(num_drafts)
     sampled = torch.full((len(num_drafts), width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
     for r, emitted in enumerate(verdicts.tokens):

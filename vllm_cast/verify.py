@@ -41,7 +41,8 @@ def children_lists(parents: torch.Tensor) -> list[list[int]]:
 
 
 def verify_greedy(tree: FlatTree, target_argmax: torch.Tensor) -> Verdict:
-    """target_argmax ``[N]``: the target's greedy token after each node."""
+    """target_argmax ``[N]``: the target's token after each node (its argmax; or, for
+    sampling by drawing at every node, its draw there). Accept while a child matches."""
     children = children_lists(tree.parents)
     tokens = tree.tokens.tolist()
     argmax = target_argmax.tolist()
