@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vllm_cast.prompts import TASKS
 
 FIXED_TREE = {"breadth_threshold": 1e-9, "depth_threshold": 0.0, "verify_threshold": 1e-9,
-              "acceptance_calibration": False, "expansion_utility": "layer"}
+              "acceptance_calibration": False, "expansion_utility": "layer", "decline_unprofitable": False}
 """CAST's builder reduced to EAGLE-2: every layer keeps top_k, depth is fixed, the
 total_token - 1 best nodes by raw path probability are verified (Theorem 4.1's limit)."""
 

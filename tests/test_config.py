@@ -52,6 +52,7 @@ def test_other_methods_untouched(target_dir, draft_dir):
         ({"decision_scope": "global"}, "decision_scope"),
         ({"cost_table": 5}, "cost_table"),
         ({"acceptance_calibration": "yes"}, "acceptance_calibration"),
+        ({"decline_unprofitable": 1}, "decline_unprofitable"),
         ({"num_speculative_tokens": 129}, "num_speculative_tokens"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"model": None}, "model"),

@@ -78,3 +78,15 @@ def test_corrupt_table_is_refused(tmp_path, damage):
         path.write_text(json.dumps(blob))
     with pytest.raises(CostTableError):
         CostTable.load(path, expected=KEY)
+
+
+def test_chain_costs_round_trip_and_default_to_tree_costs(tmp_path):
+    table = synthetic_table()
+    assert table.chain_target_seconds is None
+    assert torch.equal(table.at(4, 512, 8).verify_curve(chain=True), table.at(4, 512, 8).target)
+    chain = table.target_seconds * 0.5
+    with_chain = CostTable(table.key, table.batch_sizes, table.contexts, table.new_tokens, table.target_seconds,
+                           table.draft_seconds, chain)
+    with_chain.save(tmp_path / "t.json")
+    loaded = CostTable.load(tmp_path / "t.json")
+    assert torch.allclose(loaded.at(4, 512, 8).verify_curve(chain=True), 0.5 * loaded.at(4, 512, 8).target)

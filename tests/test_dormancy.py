@@ -33,6 +33,8 @@ def _metadata(starts: list[int], table: torch.Tensor) -> CommonAttentionMetadata
 def test_replay_prepends_remembered_rows_in_order_with_their_slots():
     dormancy = DraftDormancy(probe_interval=2, max_rows=100)
     dormancy.enter(batch_size=2)
+    assert dormancy.should_skip(2, 2) and not dormancy.should_skip(2, 2), "first stretch: one step"
+    dormancy.enter(batch_size=2)
     table = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]], dtype=torch.int32)
     for step in range(2):
         tokens, positions, hidden, starts = _step([[5 + step], [9 + step]])
@@ -51,6 +53,21 @@ def test_replay_prepends_remembered_rows_in_order_with_their_slots():
                       [(0, 5), (0, 6), (0, 7), (1, 9), (1, 10), (1, 11), (1, 12)]]
     assert cad.slot_mapping.tolist() == expected_slots
     assert not dormancy.stash
+
+
+def test_dormant_stretches_back_off_and_reset_after_a_tree():
+    dormancy = DraftDormancy(probe_interval=4, max_rows=100)
+
+    def stretch() -> int:
+        dormancy.enter(batch_size=1)
+        skipped = 0
+        while dormancy.should_skip(1, 1):
+            skipped += 1
+        return skipped
+
+    assert [stretch() for _ in range(4)] == [1, 2, 4, 4]
+    dormancy.wake()
+    assert stretch() == 1
 
 
 def test_rows_of_a_recomputed_or_finished_request_are_dropped():

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+MIN_RATE_TRIALS = 32
+"""First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
 PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
 
 
@@ -48,3 +50,9 @@ class AcceptanceCalibrator:
         flat = rank_cell * self.trials.shape[1] + bin_cell
         self.trials.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         self.accepted.view(-1).index_add_(0, flat, accepted.double())
+
+    def first_rank_rate(self) -> float | None:
+        """Acceptance rate of first-rank children over all probabilities seen, or None
+        before ``MIN_RATE_TRIALS`` outcomes."""
+        trials = float(self.trials[0].sum())
+        return None if trials < MIN_RATE_TRIALS else float(self.accepted[0].sum()) / trials

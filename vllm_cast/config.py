@@ -55,6 +55,10 @@ class CastParams:
     acceptance_calibration: bool = True
     """Value nodes by learned acceptance rates instead of raw draft probabilities
     (see vllm_cast.acceptance); False gives EAGLE-2's raw path probabilities."""
+    decline_unprofitable: bool = True
+    """Drop a step's trees, and stop drafting, when plain decoding is priced faster with
+    the measured step overheads (see vllm_cast.step_overheads); False always verifies
+    what the thresholds chose (fixed-tree baselines, tests that need trees)."""
     cost_table: str | None = None
     """Path of a cost table (JSON); default: the per-hardware file in the cache."""
     profile: ProfileMode = "auto"
@@ -88,9 +92,9 @@ class CastParams:
                 raise CastConfigError(
                     f"speculative_config key '{name}' must be one of {list(get_args(allowed))}, got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.acceptance_calibration, bool):
-            raise CastConfigError(
-                f"speculative_config key 'acceptance_calibration' must be true or false, got {self.acceptance_calibration!r}")
+        for name in ("acceptance_calibration", "decline_unprofitable"):
+            if not isinstance(getattr(self, name), bool):
+                raise CastConfigError(f"speculative_config key '{name}' must be true or false, got {getattr(self, name)!r}")
         if self.cost_table is not None and not isinstance(self.cost_table, str):
             raise CastConfigError(f"speculative_config key 'cost_table' must be a path string, got {self.cost_table!r}")
 

@@ -18,7 +18,7 @@ import torch
 
 from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 
 
 class CostTableError(ValueError):
@@ -65,10 +65,12 @@ class StepCosts:
     """Costs at one batch size and context, as functions of tokens per sequence.
 
     ``draft[n]`` / ``target[n]``: seconds of one forward with ``n`` new tokens per
-    sequence, index 0 unused (0.0); length ``max_tokens + 1``."""
+    sequence, index 0 unused (0.0); length ``max_tokens + 1``. ``target`` prices a tree
+    (masked attention); ``chain_target`` a chain (causal attention), None: same as trees."""
 
     draft: torch.Tensor
     target: torch.Tensor
+    chain_target: torch.Tensor | None = None
 
     def draft_ratio(self) -> torch.Tensor:
         """Draft cost in units of one single-token target forward, ``[max_tokens + 1]``."""
@@ -77,6 +79,14 @@ class StepCosts:
     def target_ratio(self) -> torch.Tensor:
         """Target cost in units of one single-token target forward, ``[max_tokens + 1]``."""
         return self.target / self.target[1]
+
+    def verify_curve(self, chain: bool) -> torch.Tensor:
+        """Seconds of verifying a chain (``chain``) or a tree of ``n - 1`` nodes, ``[max_tokens + 1]``."""
+        return self.chain_target if chain and self.chain_target is not None else self.target
+
+    def chain_target_ratio(self) -> torch.Tensor:
+        """Cost of verifying a chain, same units as :meth:`target_ratio`."""
+        return self.verify_curve(chain=True) / self.target[1]
 
 
 def _interp_axis(grid: list[int], value: float) -> tuple[int, int, float]:
@@ -92,7 +102,12 @@ def _interp_axis(grid: list[int], value: float) -> tuple[int, int, float]:
 
 @dataclass
 class CostTable:
-    """Latency grids ``[len(batch_sizes), len(contexts), len(new_tokens)]`` in seconds."""
+    """Latency grids ``[len(batch_sizes), len(contexts), len(new_tokens)]`` in seconds.
+
+    ``target_seconds``: target forwards whose new tokens form a tree (masked attention);
+    ``chain_target_seconds``: the same through the causal path a chain takes (None where
+    both paths cost the same); ``draft_seconds``: draft forwards (one token per sequence
+    causal, more under a tree mask, as CAST drafts them)."""
 
     key: TableKey
     batch_sizes: list[int]
@@ -100,12 +115,15 @@ class CostTable:
     new_tokens: list[int]
     target_seconds: torch.Tensor
     draft_seconds: torch.Tensor
+    chain_target_seconds: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (len(self.batch_sizes), len(self.contexts), len(self.new_tokens))
-        for name in ("target_seconds", "draft_seconds"):
+        for name in ("target_seconds", "draft_seconds", "chain_target_seconds"):
             grid = getattr(self, name)
+            if grid is None and name == "chain_target_seconds":
+                continue
             if tuple(grid.shape) != shape:
                 raise CostTableError(f"{name} has shape {tuple(grid.shape)}, expected {shape}")
             if not torch.isfinite(grid).all() or (grid <= 0).any():
@@ -133,6 +151,11 @@ class CostTable:
         tokens, ``tokens`` new tokens each."""
         return self._lookup(self.target_seconds, batch_size, context, tokens)
 
+    def chain_target(self, batch_size: float, context: float, tokens: float) -> float:
+        """Seconds of one target forward verifying chains (causal attention)."""
+        grid = self.target_seconds if self.chain_target_seconds is None else self.chain_target_seconds
+        return self._lookup(grid, batch_size, context, tokens)
+
     def draft(self, batch_size: float, context: float, tokens: float) -> float:
         """Seconds of one draft forward, same arguments as :meth:`target`."""
         return self._lookup(self.draft_seconds, batch_size, context, tokens)
@@ -142,7 +165,8 @@ class CostTable:
         ns = range(1, max_tokens + 1)
         draft = torch.tensor([0.0] + [self.draft(batch_size, context, n) for n in ns], dtype=torch.float64)
         target = torch.tensor([0.0] + [self.target(batch_size, context, n) for n in ns], dtype=torch.float64)
-        return StepCosts(draft=draft, target=target)
+        chain = torch.tensor([0.0] + [self.chain_target(batch_size, context, n) for n in ns], dtype=torch.float64)
+        return StepCosts(draft=draft, target=target, chain_target=chain)
 
     def to_json(self) -> dict:
         return {
@@ -153,6 +177,7 @@ class CostTable:
             "new_tokens": self.new_tokens,
             "target_seconds": self.target_seconds.tolist(),
             "draft_seconds": self.draft_seconds.tolist(),
+            "chain_target_seconds": None if self.chain_target_seconds is None else self.chain_target_seconds.tolist(),
             "meta": self.meta,
         }
 
@@ -176,6 +201,8 @@ class CostTable:
                 new_tokens=list(blob["new_tokens"]),
                 target_seconds=torch.tensor(blob["target_seconds"], dtype=torch.float64),
                 draft_seconds=torch.tensor(blob["draft_seconds"], dtype=torch.float64),
+                chain_target_seconds=None if blob.get("chain_target_seconds") is None
+                else torch.tensor(blob["chain_target_seconds"], dtype=torch.float64),
                 meta=blob.get("meta", {}),
             )
         except CostTableError:
@@ -197,16 +224,21 @@ ForwardTimer = Callable[[int, int, int], float]
 
 
 def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardTimer, batch_sizes: list[int],
-                  contexts: list[int], new_tokens: list[int], progress: bool = True) -> CostTable:
-    """Measure both models over the grid with the given timers (progress bar on stderr)."""
+                  contexts: list[int], new_tokens: list[int], time_chain_target: ForwardTimer | None = None,
+                  progress: bool = True) -> CostTable:
+    """Measure the models over the grid with the given timers (progress bar on stderr);
+    ``time_chain_target`` (optional) times causal target forwards for chains."""
     from tqdm import tqdm
 
     shape = (len(batch_sizes), len(contexts), len(new_tokens))
     target = torch.zeros(shape, dtype=torch.float64)
     draft = torch.zeros(shape, dtype=torch.float64)
+    chain = None if time_chain_target is None else torch.zeros(shape, dtype=torch.float64)
     cells = [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
     for i, j, k in tqdm(cells, desc="profile cost table", unit="cell", disable=not progress):
         b, c, n = batch_sizes[i], contexts[j], new_tokens[k]
         target[i, j, k] = time_target(b, c, n)
         draft[i, j, k] = time_draft(b, c, n)
-    return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft)
+        if chain is not None:
+            chain[i, j, k] = time_chain_target(b, c, n) if n > 1 else target[i, j, k]
+    return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft, chain)

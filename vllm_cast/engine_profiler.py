@@ -88,10 +88,11 @@ class ForwardTimers:
     def _metadata(self, batch: int, context: int, new_tokens: int) -> CommonAttentionMetadata:
         return _layout(batch, context, new_tokens, self.block_size, self.runner.device, self.table_width)
 
-    def target(self, batch: int, context: int, new_tokens: int) -> float:
+    def target(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
+        """One target forward; multi-token ones tree-masked unless ``tree`` is False."""
         runner = self.runner
         cad = self._metadata(batch, context, new_tokens)
-        plan = tree_plan_for(batch, context, new_tokens) if new_tokens > 1 else None
+        plan = tree_plan_for(batch, context, new_tokens) if new_tokens > 1 and tree else None
         with active_plan(plan):
             per_layer = {name: group.build_metadata(cad) for groups in runner.attn_groups
                          for group in groups for name in group.layer_names}
@@ -108,10 +109,15 @@ class ForwardTimers:
 
         return median_seconds(run, self.repeats, self.synchronize)
 
+    def chain_target(self, batch: int, context: int, new_tokens: int) -> float:
+        """One target forward verifying chains (causal attention)."""
+        return self.target(batch, context, new_tokens, tree=False)
+
     def draft(self, batch: int, context: int, new_tokens: int) -> float:
+        """One draft forward: one token per sequence causal, more under a tree mask."""
         drafter = self.drafter
         cad = self._metadata(batch, context, new_tokens)
-        with active_plan(tree_plan_for(batch, context, new_tokens)):
+        with active_plan(tree_plan_for(batch, context, new_tokens) if new_tokens > 1 else None):
             _, per_layer = drafter.build_per_group_and_layer_attn_metadata(cad)
         count = cad.num_actual_tokens
         input_ids = torch.zeros(count, dtype=torch.int32, device=drafter.device)

@@ -25,11 +25,12 @@ from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.dormancy import DraftDormancy
+from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
 PROBE_INTERVAL_STEPS = 16
-"""Steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
+"""Most steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
 
 CostSource = Callable[[int, float], StepCosts]
 """(batch size, mean context length in tokens) -> the step's cost curves."""
@@ -41,11 +42,13 @@ class _DraftedNodes:
 
     ancestors ``[B, F, F]`` bool (row i: node i and its forwarded ancestors); hidden
     ``[B, W, H]`` the newest layer's draft hidden states (inputs of its children); offset:
-    index of the newest layer's first node among the F."""
+    index of the newest layer's first node among the F; chain: every layer so far had
+    one node (then the next single node attends causally, vLLM's own attention path)."""
 
     ancestors: torch.Tensor
     hidden: torch.Tensor
     offset: int = -1
+    chain: bool = True
 
     @property
     def count(self) -> int:
@@ -67,6 +70,7 @@ class CastProposer(EagleProposer):
         self.batch_req_ids: list[str] = []
         """Request ids of the batch rows (set by the runner before each proposal)."""
         self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
+        self.overheads = StepOverheads()
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
@@ -107,7 +111,8 @@ class CastProposer(EagleProposer):
         root_positions = self.positions[sample_rows].clone()
         # Context the next verification attends over, in tokens, averaged over the batch.
         context = float((root_positions + 2).float().mean())
-        costs = self.cost_source(batch, context)
+        table_costs = self.cost_source(batch, context)
+        costs = self.overheads.adjust(batch, table_costs)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes,
                                   self.ratio_history,
                                   calibrate=self.calibrator if self.cast_params.acceptance_calibration else None)
@@ -124,13 +129,53 @@ class CastProposer(EagleProposer):
             frontier = builder.expand(self._probs(normed).view(batch, frontier.width, -1))
         caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
-        self.last_decision = builder.decision
-        if not any(builder.decision.verified):
+        decision = self.last_decision = builder.decision
+        decision.draft_passes = 1 + len(forwarded_widths)
+        if self.cast_params.decline_unprofitable and any(decision.verified) and not self._beats_plain_decoding(costs, forwarded_widths, decision):
+            self.last_trees = [tree.prefix(1) for tree in self.last_trees]
+            decision.verified = [0] * batch
+            decision.declined = True
+        if any(decision.verified):
+            self.dormancy.wake()
+        else:
             self.dormancy.enter(batch)
-        self.last_decision.predicted_draft_seconds = float(costs.draft[1] + sum(costs.draft[w] for w in forwarded_widths))
-        verified = max(builder.decision.verified, default=0)
-        self.last_decision.predicted_verify_seconds = float(costs.target[min(1 + verified, costs.target.numel() - 1)])
+        decision.predicted_draft_seconds = self._draft_seconds(table_costs, forwarded_widths)
+        decision.predicted_verify_seconds = self._verify_seconds(table_costs, decision)
         return [tree.draft_tokens for tree in self.last_trees]
+
+    @staticmethod
+    def _draft_seconds(costs: StepCosts, forwarded_widths: list[int]) -> float:
+        """Seconds of this step's draft passes: the first pass and one per tree layer."""
+        return float(costs.draft[1] + sum(costs.draft[w] for w in forwarded_widths))
+
+    def _verify_seconds(self, costs: StepCosts, decision: StepDecision) -> float:
+        """Seconds of the target forward verifying the largest of ``self.last_trees``."""
+        verified = max(decision.verified, default=0)
+        curve = costs.verify_curve(chain=all(tree.is_chain for tree in self.last_trees))
+        return float(curve[min(1 + verified, curve.numel() - 1)])
+
+    def speculation_hopeless(self, batch_size: int, context: float) -> bool:
+        """Whether no chain can beat plain decoding at this batch size: with the learned
+        first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
+        tokens never pay for ``d`` draft passes plus verifying ``d`` tokens. Then CAST stays
+        dormant without probing (the draft model does not run at all)."""
+        rate = self.calibrator.first_rank_rate()
+        if rate is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
+            return False
+        costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
+        chain = costs.verify_curve(chain=True)
+        for depth in range(1, min(self.cast_params.max_depth, self.max_nodes) + 1):
+            expected = sum(rate**i for i in range(depth + 1))
+            if expected * float(costs.target[1]) >= depth * float(costs.draft[1]) + float(chain[depth + 1]):
+                return False
+        return True
+
+    def _beats_plain_decoding(self, costs: StepCosts, forwarded_widths: list[int], decision: StepDecision) -> bool:
+        """Whether speculating as decided yields more expected tokens per second than plain
+        decoding, both priced with the measured step overheads: (1 + expected accepted
+        tokens) / (draft passes + verification) >= 1 / plain step."""
+        speculative = self._draft_seconds(costs, forwarded_widths) + self._verify_seconds(costs, decision)
+        return (1.0 + decision.expected_accepted) * float(costs.target[1]) >= speculative
 
     def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:
         """Whether one more layer fits the K lookahead slots and the token buffers."""
@@ -188,7 +233,8 @@ class CastProposer(EagleProposer):
             seq_lens=seq_lens.to(cad.seq_lens.device), num_actual_tokens=num_tokens, max_query_len=width,
             max_seq_len=int(seq_lens.max()), slot_mapping=slots.to(cad.slot_mapping.device), positions=None,
             seq_lens_cpu_upper_bound=None, causal=True)
-        plan = TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
+        drafted.chain = drafted.chain and width == 1
+        plan = None if drafted.chain else TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
         with active_plan(plan):
             _, per_layer = self.build_per_group_and_layer_attn_metadata(layer_cad, draft_index=depth)
 

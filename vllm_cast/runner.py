@@ -56,6 +56,7 @@ class CastRunnerMixin:
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
         self._step_started = 0.0
+        self._decode_only = False
         self._predicted_verify_seconds: float | None = None
         self._root_candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.sampler.logprobs_mode not in ("raw_logprobs", "raw_logits"):
@@ -66,7 +67,8 @@ class CastRunnerMixin:
 
     def cast_summary(self) -> dict[str, float]:
         """CAST's decision statistics plus the steps the draft model was skipped."""
-        return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps}
+        return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps,
+                **self.drafter.overheads.summary()}
 
     def cast_prepare_costs(self) -> None:
         """Load or profile the cost table (worker start-up, after the KV cache exists)."""
@@ -77,24 +79,42 @@ class CastRunnerMixin:
         timers = ForwardTimers(self)
         batches, contexts, tokens = grids(self.scheduler_config.max_num_seqs, self.max_model_len, max_tokens,
                                           self.kv_cache_config.num_blocks - 1, timers.block_size)
-        table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft,
-                                                                 batches, contexts, tokens), max_tokens)
+        table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft, batches, contexts,
+                                                                 tokens, timers.chain_target), max_tokens)
         self.set_cost_source(cost_source(table, max_tokens))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._step_started = time.perf_counter()
+        spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
+        self._decode_only = (scheduler_output.total_num_scheduled_tokens
+                             == len(scheduler_output.num_scheduled_tokens) + spec_tokens)
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     def sample_tokens(self, grammar_output):
         predicted_verify = self._predicted_verify_seconds
         output = super().sample_tokens(grammar_output)
+        self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
-        if decision is not None and predicted_verify is not None:
-            self.cast_stats.record_step_time(time.perf_counter() - self._step_started,
-                                             predicted_verify + decision.predicted_draft_seconds)
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
         return output
+
+    def _time_step(self, measured: float, predicted_verify: float | None) -> None:
+        """Compare a step's wall time with the cost table: for the stats (speculative
+        steps) and, for decode-only steps, the drafter's measured overheads."""
+        decision = self.drafter.last_decision
+        if decision is not None and predicted_verify is not None:
+            self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
+        if not self._decode_only or self.drafter.cost_source is None:
+            return
+        batch = self.input_batch.num_reqs
+        context = float(self.input_batch.num_computed_tokens_cpu[:batch].mean())
+        plain_forward = float(self.drafter.cost_source(batch, context).target[1])
+        if decision is None and predicted_verify is None:
+            self.drafter.overheads.record_plain(batch, measured, plain_forward)
+        elif decision is not None:
+            predicted = decision.predicted_draft_seconds + (plain_forward if predicted_verify is None else predicted_verify)
+            self.drafter.overheads.record_speculative(batch, measured, predicted, decision.draft_passes)
 
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
@@ -116,10 +136,10 @@ class CastRunnerMixin:
                 continue
             if tree.draft_tokens[:count] != list(drafts):
                 continue
-            self._step_trees[index] = tree.prefix(count + 1)
-            parents = tree.parents[: count + 1]
-            if torch.equal(parents[1:], torch.arange(count)):
-                continue  # a chain: vLLM's causal path is already right
+            self._step_trees[index] = tree = tree.prefix(count + 1)
+            if tree.is_chain:
+                continue  # vLLM's causal path is already right
+            parents = tree.parents
             context = int(self.input_batch.num_computed_tokens_cpu[index])
             start = int(starts[index])
             self.positions[start : start + count + 1] = (context + depths(parents)).to(self.positions)
@@ -241,11 +261,16 @@ class CastRunnerMixin:
 
     def _skip_drafting(self, scheduler_output, spec_decode_metadata: SpecDecodeMetadata | None,
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
-        """While dormant (see vllm_cast.dormancy) and nothing was drafted this step: keep the
-        rows the drafter would read and skip all of vLLM's and CAST's drafting work."""
+        """While dormant (see vllm_cast.dormancy) or while no chain could pay for itself
+        (``speculation_hopeless``), and nothing was drafted this step: keep the rows the
+        drafter would read and skip all of vLLM's and CAST's drafting work."""
         drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
         total = scheduler_output.total_num_scheduled_tokens
-        if drafted or aux_hidden_states is None or not self.drafter.dormancy.should_skip(len(req_ids), total):
+        if drafted or aux_hidden_states is None:
+            return False
+        context = float(self.input_batch.num_computed_tokens_cpu[: len(req_ids)].mean())
+        hopeless = self.drafter.speculation_hopeless(len(req_ids), context)
+        if not self.drafter.dormancy.should_skip(len(req_ids), total, hopeless):
             return False
         self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],
                                        torch.cat([h[:total] for h in aux_hidden_states], dim=-1),

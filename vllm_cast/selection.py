@@ -39,5 +39,7 @@ def select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold:
 
 def batched_select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold: float, base: int = 0) -> torch.Tensor:
     """:func:`select_max_valid_index` for each row of ``utility`` ``[R, n+1]`` against one
-    cost curve ``[n+1]``. Returns int64 ``[R]``."""
-    return torch.tensor([select_max_valid_index(row, cost, threshold, base) for row in utility], dtype=torch.int64)
+    cost curve ``[n+1]`` or one per row ``[R, n+1]``. Returns int64 ``[R]``."""
+    costs = cost.expand_as(utility)
+    return torch.tensor([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(utility, costs)],
+                        dtype=torch.int64)

@@ -21,6 +21,8 @@ class CastStats:
     depth_sum: int = 0
     max_depth: int = 0
     max_width: int = 0
+    declined_steps: int = 0
+    """Steps whose trees were dropped because plain decoding was priced faster."""
     verified_sum: int = 0
     """Nodes chosen for verification, summed over requests and steps."""
     requests_sum: int = 0
@@ -40,6 +42,7 @@ class CastStats:
         self.batch_size_sum += batch_size
         self.requests_sum += len(decision.verified)
         self.verified_sum += sum(decision.verified)
+        self.declined_steps += decision.declined
         if any(decision.verified):
             self.speculating_steps += 1
             self.depth_sum += decision.depth

@@ -38,6 +38,11 @@ class FlatTree:
                         cut(self.draft_probs), cut(self.ranks))
 
     @property
+    def is_chain(self) -> bool:
+        """Whether every node's parent is the node before it (causal attention verifies it)."""
+        return bool(torch.equal(self.parents[1:], torch.arange(len(self) - 1)))
+
+    @property
     def draft_tokens(self) -> list[int]:
         """Tokens of the non-root nodes in order: what vLLM receives as draft tokens."""
         return self.tokens[1:].tolist()

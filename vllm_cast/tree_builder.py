@@ -56,6 +56,10 @@ class StepDecision:
     """Cost table's time for this step's draft passes (first pass + one per tree layer)."""
     predicted_verify_seconds: float = 0.0
     """Cost table's time for the target forward that verifies the largest tree."""
+    draft_passes: int = 0
+    """Draft forwards run this step (first pass + tree layers)."""
+    declined: bool = False
+    """The trees were dropped: with measured overheads, plain decoding was faster."""
 
     @property
     def depth(self) -> int:
@@ -73,6 +77,7 @@ class CastTreeBuilder:
         self.max_nodes = max_nodes
         self.draft_cost = costs.draft_ratio()
         self.target_cost = costs.target_ratio()
+        self.chain_target_cost = costs.chain_target_ratio()
         if self.draft_cost.numel() <= self.k or self.target_cost.numel() <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
@@ -80,6 +85,8 @@ class CastTreeBuilder:
         self.pool_parents: list[torch.Tensor] = []
         self.pool_values: list[torch.Tensor] = []
         self.pool_draft_probs: list[torch.Tensor] = []
+        self.pool_depths: list[int] = []
+        """Tree depth of each pool candidate (1 = child of the root), in pool order."""
         self.calibrate = calibrate
         self.pool_size = 1  # the root
         self.frontier_values: torch.Tensor | None = None
@@ -104,6 +111,7 @@ class CastTreeBuilder:
         self.pool_tokens.append(tokens)
         self.pool_values.append(values)
         self.pool_parents.append(parents)
+        self.pool_depths += [len(self.decision.widths) + 1] * count
         self.pool_size += count
         return index
 
@@ -148,17 +156,29 @@ class CastTreeBuilder:
         )
         return self.frontier
 
-    def _verify_counts(self, sorted_pool: torch.Tensor) -> torch.Tensor:
+    def _verify_cost(self, sorted_depths: torch.Tensor) -> torch.Tensor:
+        """Target cost of verifying the first ``n`` nodes of each row, ``[B, n_max + 1]``,
+        for pool depths sorted by value ``[B, n_max]``: the causal (chain) curve while those
+        nodes form a chain (their deepest node is at depth ``n``), the tree curve after."""
+        limit = sorted_depths.shape[1]
+        counts = torch.arange(1, limit + 1)
+        is_chain = torch.cat([torch.ones(sorted_depths.shape[0], 1, dtype=torch.bool),
+                              sorted_depths.cummax(1).values == counts], dim=1)
+        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self.target_cost, self.chain_target_cost))
+        return torch.where(is_chain, chain, tree)
+
+    def _verify_counts(self, sorted_pool: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Dynamic reranking's verify count per request ``[B]`` for a pool whose values
-        are sorted descending ``[B, P]`` (C3 against the target cost curve)."""
+        are sorted descending ``[B, P]`` (``order``: their pool positions, 0-based), C3
+        against the target cost of that many nodes (chain or tree, see ``_verify_cost``)."""
         b, pool = sorted_pool.shape
         limit = min(self.max_nodes, pool)
         per_row = torch.cat([torch.zeros(b, 1, dtype=torch.float64), sorted_pool[:, :limit].double().cumsum(1)], dim=1)
-        cost = self.target_cost[1 : limit + 2] - self.target_cost[1]
+        cost = self._verify_cost(torch.tensor(self.pool_depths)[order[:, :limit]])
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            count = select_max_valid_index(per_row.mean(0), cost, self.params.verify_threshold)
+            count = select_max_valid_index(per_row.mean(0), cost.max(0).values, self.params.verify_threshold)
             counts = torch.full((b,), count, dtype=torch.int64)
         return torch.minimum(counts, (sorted_pool[:, :limit] > 0).sum(1))
 
@@ -168,8 +188,8 @@ class CastTreeBuilder:
         ("verified"; the rest count 0)."""
         if self.params.expansion_utility == "layer":
             return values
-        pool = torch.cat(self.pool_values, dim=1).sort(dim=1, descending=True).values
-        counts = self._verify_counts(pool)
+        pool, order = torch.cat(self.pool_values, dim=1).sort(dim=1, descending=True, stable=True)
+        counts = self._verify_counts(pool, order)
         cut = torch.gather(pool, 1, (counts - 1).clamp_min(0)[:, None])
         return torch.where((values >= cut) & (counts[:, None] > 0), values, torch.zeros_like(values))
 
@@ -204,7 +224,7 @@ class CastTreeBuilder:
         draft_probs = torch.cat(self.pool_draft_probs, dim=1)
         b = values.shape[0]
         sorted_values, order = values.sort(dim=1, descending=True, stable=True)
-        counts = self._verify_counts(sorted_values)
+        counts = self._verify_counts(sorted_values, order)
         if max_nodes_per_request is not None:
             counts = torch.minimum(counts, max_nodes_per_request.clamp_min(0))
         trees = []

@@ -1,0 +1,59 @@
+"""Measured step overheads (vllm_cast.step_overheads) and chain-priced verification."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_cast.config import CastParams
+from vllm_cast.cost_model import StepCosts
+from vllm_cast.step_overheads import MIN_SAMPLES, StepOverheads, batch_bucket
+from vllm_cast.tree_builder import CastTreeBuilder
+
+
+def _costs(chain_slope: float, tree_slope: float = 0.3) -> StepCosts:
+    n = torch.arange(18, dtype=torch.float64)
+    positive = (n > 0).double()
+    return StepCosts(draft=0.2 * positive, target=(1.0 + tree_slope * (n - 1)) * positive,
+                     chain_target=(1.0 + chain_slope * (n - 1)) * positive)
+
+
+def test_buckets_are_powers_of_two():
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_overheads_apply_after_enough_samples_as_a_robust_median():
+    overheads = StepOverheads()
+    costs = _costs(0.05)
+    for sample in range(MIN_SAMPLES - 1):
+        overheads.record_plain(4, measured=1.5, predicted=1.0)
+        overheads.record_speculative(4, measured=3.0, predicted=1.5, passes=2)
+    assert overheads.adjust(4, costs) is costs, "too few samples: no overhead yet"
+    overheads.record_plain(4, measured=1.5, predicted=1.0)
+    overheads.record_plain(4, measured=50.0, predicted=1.0)  # one stalled step
+    for _ in range(2):
+        overheads.record_speculative(4, measured=3.0, predicted=1.5, passes=2)
+    adjusted = overheads.adjust(4, costs)
+    assert torch.allclose(adjusted.target[1:], costs.target[1:] + 0.5)
+    assert torch.allclose(adjusted.chain_target[1:], costs.chain_target[1:] + 0.5)
+    assert adjusted.target[0] == 0 and adjusted.draft[0] == 0
+    # per pass: (3.0 - 1.5 - plain) / 2, with plain 0 (first samples) or 0.5
+    assert 0.5 <= float(adjusted.draft[1] - costs.draft[1]) <= 0.75
+    assert overheads.adjust(16, costs) is costs, "other batch sizes are not affected"
+
+
+def _verified(chain_slope: float) -> tuple[int, bool]:
+    params = CastParams(breadth_threshold=1.0, depth_threshold=0.0, verify_threshold=1.0, node_top_k=2, max_depth=4)
+    builder = CastTreeBuilder(params, _costs(chain_slope), max_nodes=16)
+    probs = torch.zeros(1, 8)
+    probs[0, :2] = torch.tensor([0.7, 0.1])
+    frontier = builder.start(probs)
+    while frontier is not None:
+        frontier = builder.expand(probs.expand(frontier.width, -1)[None])
+    trees = builder.finish(torch.zeros(1, dtype=torch.int64))
+    return len(trees[0]) - 1, trees[0].is_chain
+
+
+def test_a_chain_priced_cheaper_than_a_tree_is_verified_deeper():
+    tree_priced, _ = _verified(chain_slope=0.3)
+    chain_priced, is_chain = _verified(chain_slope=0.05)
+    assert is_chain and chain_priced > tree_priced

@@ -1,0 +1,80 @@
+"""Step time the cost table does not price, measured online and added to CAST's costs.
+
+The cost table times bare model forwards. A real engine step also pays input preparation,
+sampling and bookkeeping (plain decoding too), and a speculative step pays per-pass work
+that no forward shows (attention metadata per draft layer, tree building, acceptance, KV
+compaction). The runner times every decode step against the table's prediction; this
+module keeps, per batch-size bucket, the median of the last ``WINDOW`` samples of
+
+- ``plain``: measured minus predicted seconds of a step without drafting or verification;
+- ``per_pass``: of a speculative step, measured minus predicted minus ``plain``, divided
+  by the step's draft passes (first pass + one per tree layer).
+
+:meth:`StepOverheads.adjust` adds them to a step's cost curves (``plain`` to every target
+forward, ``per_pass`` to every draft forward), so the builder's thresholds and the final
+"is this tree faster than plain decoding" check see what a step really costs here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections import deque
+
+from vllm_cast.cost_model import StepCosts
+
+WINDOW = 16
+"""Recent samples per bucket whose median is used (robust to one-off slow steps)."""
+MIN_SAMPLES = 4
+"""Samples a bucket needs before its overhead is used (before that: 0, optimistic)."""
+
+
+def batch_bucket(batch_size: int) -> int:
+    """Power-of-two bucket of a batch size: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
+    return max(batch_size - 1, 0).bit_length()
+
+
+class StepOverheads:
+    """Unpriced seconds per step (plain) and per draft pass, by batch-size bucket."""
+
+    def __init__(self) -> None:
+        self.plain: dict[int, deque[float]] = {}
+        self.per_pass: dict[int, deque[float]] = {}
+
+    @staticmethod
+    def _median(samples: dict[int, deque[float]], bucket: int) -> float:
+        recent = samples.get(bucket)
+        return statistics.median(recent) if recent and len(recent) >= MIN_SAMPLES else 0.0
+
+    @staticmethod
+    def _add(samples: dict[int, deque[float]], batch_size: int, sample: float) -> None:
+        samples.setdefault(batch_bucket(batch_size), deque(maxlen=WINDOW)).append(sample)
+
+    def record_plain(self, batch_size: int, measured: float, predicted: float) -> None:
+        """A decode step with no draft pass and no verification (seconds)."""
+        self._add(self.plain, batch_size, measured - predicted)
+
+    def record_speculative(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:
+        """A decode step that verified and/or drafted with ``passes`` draft forwards."""
+        extra = measured - predicted - self._median(self.plain, batch_bucket(batch_size))
+        self._add(self.per_pass, batch_size, extra / max(passes, 1))
+
+    def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
+        """``costs`` with this bucket's overheads added (clamped at 0: a step is never
+        cheaper than its forwards)."""
+        bucket = batch_bucket(batch_size)
+        plain = max(self._median(self.plain, bucket), 0.0)
+        per_pass = max(self._median(self.per_pass, bucket), 0.0)
+        if plain == 0.0 and per_pass == 0.0:
+            return costs
+
+        def shifted(curve, by: float):
+            return None if curve is None else curve + by * (curve > 0)
+
+        return dataclasses.replace(costs, draft=shifted(costs.draft, per_pass), target=shifted(costs.target, plain),
+                                   chain_target=shifted(costs.chain_target, plain))
+
+    def summary(self) -> dict[str, float]:
+        """Current medians in milliseconds, keyed ``plain_ms_b<bucket>`` / ``per_pass_ms_b<bucket>``."""
+        return {**{f"plain_ms_b{b}": 1e3 * self._median(self.plain, b) for b in sorted(self.plain)},
+                **{f"per_pass_ms_b{b}": 1e3 * self._median(self.per_pass, b) for b in sorted(self.per_pass)}}
