@@ -52,7 +52,7 @@ def test_replay_prepends_remembered_rows_in_order_with_their_slots():
     expected_slots = [int(table[r, p // BLOCK]) * BLOCK + p % BLOCK for r, p in
                       [(0, 5), (0, 6), (0, 7), (1, 9), (1, 10), (1, 11), (1, 12)]]
     assert cad.slot_mapping.tolist() == expected_slots
-    assert not dormancy.stash
+    assert not dormancy.stash and dormancy.stashed_rows == 0
 
 
 def test_dormant_stretches_back_off_and_reset_after_a_tree():
@@ -76,7 +76,9 @@ def test_rows_of_a_recomputed_or_finished_request_are_dropped():
     dormancy.remember(["a", "b"], tokens, positions, hidden, starts)
     tokens, positions, hidden, starts = _step([[0, 1, 2]])  # "a" preempted: recomputed from 0
     dormancy.remember(["a"], tokens, positions, hidden, starts)
-    assert list(dormancy.stash) == ["a"] and dormancy.stash["a"].positions.tolist() == [0, 1, 2]
+    stash = dormancy.remembered(["a"])
+    assert list(stash) == ["a"] and stash["a"].positions.tolist() == [0, 1, 2]
+    assert dormancy.stashed_rows == 3
 
 
 def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_cast_llm):

@@ -20,39 +20,45 @@ PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.00
 
 
 class AcceptanceCalibrator:
-    """Acceptance estimates per (sibling rank, probability bin): ranks ``0..ranks-2``
-    each have their own row, higher ranks share the last."""
+    """Acceptance estimates per (verification mode, sibling rank, probability bin). Modes:
+    0 greedy, 1 sampled (acceptance under sampling is much lower for the same draft
+    probability); ranks ``0..ranks-2`` each have their own row, higher ranks share the last."""
+
+    MODES = 2
 
     def __init__(self, ranks: int = 4, prior_strength: float = 4.0) -> None:
         self.ranks = ranks
         self.prior_strength = prior_strength
         bins = PROBABILITY_EDGES.numel() - 1
-        self.accepted = torch.zeros(ranks, bins, dtype=torch.float64)
-        self.trials = torch.zeros(ranks, bins, dtype=torch.float64)
+        self.accepted = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
+        self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
 
     def _cells(self, probs: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bins = (torch.bucketize(probs.double(), PROBABILITY_EDGES.double(), right=True) - 1).clamp(0, self.trials.shape[1] - 1)
+        bins = (torch.bucketize(probs.double(), PROBABILITY_EDGES.double(), right=True) - 1).clamp(0, self.trials.shape[2] - 1)
         return ranks.clamp_max(self.ranks - 1), bins
 
-    def __call__(self, sorted_probs: torch.Tensor) -> torch.Tensor:
-        """Estimated acceptance ``[..., K]`` of children whose draft probabilities
-        ``[..., K]`` are sorted descending (position = sibling rank)."""
+    def __call__(self, sorted_probs: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+        """Estimated acceptance ``[B, ..., K]`` of children whose draft probabilities
+        ``[B, ..., K]`` are sorted descending (position = sibling rank); ``sampled`` ``[B]``
+        bool: whether each request verifies by sampling (else greedy)."""
         ranks = torch.arange(sorted_probs.shape[-1]).expand_as(sorted_probs)
+        modes = sampled.long().view(-1, *([1] * (sorted_probs.dim() - 1))).expand_as(sorted_probs)
         rank_cell, bin_cell = self._cells(sorted_probs, ranks)
-        hits, trials = self.accepted[rank_cell, bin_cell], self.trials[rank_cell, bin_cell]
+        hits, trials = self.accepted[modes, rank_cell, bin_cell], self.trials[modes, rank_cell, bin_cell]
         prior = sorted_probs.double()
         return ((hits + self.prior_strength * prior) / (trials + self.prior_strength)).to(sorted_probs.dtype)
 
-    def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor) -> None:
+    def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor, sampled: torch.Tensor) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
-        ranks ``[T]`` and whether the target accepted each ``[T]`` bool."""
+        ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
+        verified by sampling ``[T]`` bool."""
         rank_cell, bin_cell = self._cells(probs, ranks)
-        flat = rank_cell * self.trials.shape[1] + bin_cell
+        flat = (sampled.long() * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
         self.trials.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         self.accepted.view(-1).index_add_(0, flat, accepted.double())
 
-    def first_rank_rate(self) -> float | None:
-        """Acceptance rate of first-rank children over all probabilities seen, or None
-        before ``MIN_RATE_TRIALS`` outcomes."""
-        trials = float(self.trials[0].sum())
-        return None if trials < MIN_RATE_TRIALS else float(self.accepted[0].sum()) / trials
+    def first_rank_rate(self, sampled: bool) -> float | None:
+        """Acceptance rate of first-rank children over all probabilities seen in one mode,
+        or None before ``MIN_RATE_TRIALS`` outcomes."""
+        trials = float(self.trials[int(sampled), 0].sum())
+        return None if trials < MIN_RATE_TRIALS else float(self.accepted[int(sampled), 0].sum()) / trials

@@ -28,8 +28,19 @@ class _Rows:
     hidden: torch.Tensor
 
 
+@dataclass
+class _StepRows:
+    """One dormant step's rows for the whole batch, as the runner had them: request ids,
+    query offsets ``[B + 1]``, tokens/positions ``[T]`` and hidden ``[T, A]``."""
+
+    req_ids: list[str]
+    query_start_loc: list[int]
+    rows: _Rows
+
+
 class DraftDormancy:
-    """Dormancy state of one proposer (see module doc)."""
+    """Dormancy state of one proposer (see module doc). Rows are kept per step while the
+    batch stays the same (one copy per step) and regrouped per request when it changes."""
 
     def __init__(self, probe_interval: int, max_rows: int) -> None:
         self.probe_interval = probe_interval
@@ -38,6 +49,8 @@ class DraftDormancy:
         self.steps_left = 0
         self.batch_size = 0
         self.stash: dict[str, _Rows] = {}
+        self.recent_steps: list[_StepRows] = []
+        self.stashed_rows = 0
 
     def enter(self, batch_size: int) -> None:
         """CAST chose no tree at this batch size: skip drafting for a while (backing off)."""
@@ -53,32 +66,47 @@ class DraftDormancy:
         """Whether this step may skip the draft: dormant and the batch did not shrink, or
         speculation is ``hopeless`` at this batch size; and the remembered rows plus this
         step's (twice, to leave room at wake-up) fit the buffers."""
-        stashed = sum(rows.tokens.numel() for rows in self.stash.values())
-        fits = stashed + 2 * new_rows <= self.max_rows
+        fits = self.stashed_rows + 2 * new_rows <= self.max_rows
         skip = fits and (hopeless or (self.steps_left > 0 and batch_size >= self.batch_size))
         self.steps_left = max(self.steps_left - 1, 0) if skip else 0
         return skip
 
     def remember(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
                  query_start_loc: list[int]) -> None:
-        """Keep this step's rows (tokens/positions ``[T]``, hidden ``[T, A]``) per request."""
-        stash = {}
-        for index, req_id in enumerate(req_ids):
-            rows = slice(query_start_loc[index], query_start_loc[index + 1])
-            new = _Rows(tokens[rows].clone(), positions[rows].clone(), hidden[rows].clone())
-            old = self.stash.get(req_id)
-            if old is not None and int(old.positions[-1]) + 1 == int(new.positions[0]):
-                new = _Rows(torch.cat([old.tokens, new.tokens]), torch.cat([old.positions, new.positions]),
-                            torch.cat([old.hidden, new.hidden]))
-            stash[req_id] = new
-        self.stash = stash  # requests that left the batch are forgotten
+        """Keep this step's rows (tokens/positions ``[T]``, hidden ``[T, A]``)."""
+        if self.recent_steps and req_ids != self.recent_steps[-1].req_ids:
+            self.remembered(req_ids)
+        self.recent_steps.append(_StepRows(list(req_ids), list(query_start_loc),
+                                           _Rows(tokens.clone(), positions.clone(), hidden.clone())))
+        self.stashed_rows += tokens.numel()
+
+    def remembered(self, req_ids: list[str]) -> dict[str, _Rows]:
+        """Each of ``req_ids``' remembered rows, in position order. Rows that do not continue
+        a request's earlier ones (it was preempted and recomputed) replace them; requests
+        not in ``req_ids`` (finished, preempted) are forgotten."""
+        stash = self.stash
+        for step in self.recent_steps:
+            for index, req_id in enumerate(step.req_ids):
+                rows = slice(step.query_start_loc[index], step.query_start_loc[index + 1])
+                new = _Rows(step.rows.tokens[rows], step.rows.positions[rows], step.rows.hidden[rows])
+                old = stash.get(req_id)
+                if old is not None and int(old.positions[-1]) + 1 == int(new.positions[0]):
+                    new = _Rows(torch.cat([old.tokens, new.tokens]), torch.cat([old.positions, new.positions]),
+                                torch.cat([old.hidden, new.hidden]))
+                stash[req_id] = new
+        wanted = set(req_ids)
+        self.stash = {req_id: rows for req_id, rows in stash.items() if req_id in wanted}
+        self.recent_steps = []
+        self.stashed_rows = sum(rows.tokens.numel() for rows in self.stash.values())
+        return self.stash
 
     def replay(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
                cad: CommonAttentionMetadata, block_size: int):
         """Prepend remembered rows to this step's. Returns (tokens ``[T']``, positions
         ``[T']``, hidden ``[T', A]``, attention metadata, each request's last row ``[B]``),
         or None when nothing is remembered (or it would not fit ``self.max_rows``)."""
-        stash, self.stash = self.stash, {}
+        stash = self.remembered(req_ids)
+        self.stash, self.stashed_rows = {}, 0
         starts = cad.query_start_loc_cpu.tolist()
         pieces, lengths = [], []
         for index, req_id in enumerate(req_ids):

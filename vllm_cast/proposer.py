@@ -12,6 +12,7 @@ to vLLM flattened in topological order as the request's draft tokens."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable
 
@@ -24,12 +25,13 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import StepCosts
+from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
-PROBE_INTERVAL_STEPS = 16
+PROBE_INTERVAL_STEPS = 64
 """Most steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
 
 CostSource = Callable[[int, float], StepCosts]
@@ -67,10 +69,13 @@ class CastProposer(EagleProposer):
         self.calibrator = AcceptanceCalibrator()
         self.cost_source: CostSource | None = None
         self.draftable: list[bool] | None = None
+        self.sampled_rows = torch.zeros(0, dtype=torch.bool)
+        """Per batch row: verified by sampling (else greedy); set by the runner."""
         self.batch_req_ids: list[str] = []
         """Request ids of the batch rows (set by the runner before each proposal)."""
         self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
         self.overheads = StepOverheads()
+        self._hopeless_memo: dict[tuple[int, int, bool], tuple[bool, int]] = {}
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
@@ -96,7 +101,7 @@ class CastProposer(EagleProposer):
         batch = common_attn_metadata.batch_size()
         self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
         no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
-        if no_padding and self.dormancy.stash:
+        if no_padding and self.dormancy.stashed_rows:
             replayed = self.dormancy.replay(self.batch_req_ids, target_token_ids, target_positions,
                                             target_hidden_states, common_attn_metadata, self.block_size)
             if replayed is not None:
@@ -113,9 +118,10 @@ class CastProposer(EagleProposer):
         context = float((root_positions + 2).float().mean())
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
-        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes,
-                                  self.ratio_history,
-                                  calibrate=self.calibrator if self.cast_params.acceptance_calibration else None)
+        sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
+        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
+                                  calibrate=functools.partial(self.calibrator, sampled=sampled)
+                                  if self.cast_params.acceptance_calibration else None)
         frontier = builder.start(self._probs(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool), hidden=hidden[:, None, :])
@@ -154,12 +160,24 @@ class CastProposer(EagleProposer):
         curve = costs.verify_curve(chain=all(tree.is_chain for tree in self.last_trees))
         return float(curve[min(1 + verified, curve.numel() - 1)])
 
-    def speculation_hopeless(self, batch_size: int, context: float) -> bool:
+    def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: with the learned
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
         tokens never pay for ``d`` draft passes plus verifying ``d`` tokens. Then CAST stays
-        dormant without probing (the draft model does not run at all)."""
-        rate = self.calibrator.first_rank_rate()
+        dormant without probing (the draft model does not run at all). The verdict is reused
+        for ``PROBE_INTERVAL_STEPS`` calls at the same batch size and context bucket."""
+        key = (batch_size, round(context / CONTEXT_BUCKET), all_sampled)
+        cached = self._hopeless_memo.get(key)
+        if cached is not None and cached[1] > 0:
+            self._hopeless_memo[key] = (cached[0], cached[1] - 1)
+            return cached[0]
+        verdict = self._no_chain_can_pay(batch_size, context, all_sampled)
+        self._hopeless_memo = {key: (verdict, PROBE_INTERVAL_STEPS)}
+        return verdict
+
+    def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
+        """:meth:`speculation_hopeless`, computed afresh (greedy rate unless every request samples)."""
+        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
         if rate is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))

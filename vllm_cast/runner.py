@@ -29,7 +29,7 @@ from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.stats import CastStats
 from vllm_cast.tree import FlatTree, ancestor_mask, depths
-from vllm_cast.tree_sampler import TreeVerdicts, needs_logits_processing, verify_trees
+from vllm_cast.tree_sampler import GREEDY_EPS, TreeVerdicts, needs_logits_processing, verify_trees
 
 
 @contextlib.contextmanager
@@ -52,6 +52,8 @@ class CastRunnerMixin:
         self.cast_trees: dict[str, FlatTree] = {}
         self._step_trees: list[FlatTree | None] = []
         self._plain: list[bool] = []
+        self._sampled = torch.zeros(0, dtype=torch.bool)
+        self._flags_by_request: dict[str, tuple[bool, bool]] = {}
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
@@ -119,7 +121,7 @@ class CastRunnerMixin:
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self._plain = self._plain_requests()  # used by acceptance and drafting this step
+        self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
 
@@ -172,32 +174,43 @@ class CastRunnerMixin:
         """Feed the drafter's calibrator with this step's outcomes: every first-layer
         candidate drafted last step (accepted iff it is the token the target drew after
         the root) and every deeper verified node whose parent was accepted."""
-        probs, ranks, accepted = [], [], []
+        probs, ranks, accepted, sampled = [], [], [], []
         discarded = self.discard_request_mask.np
         for index, (path, emitted) in enumerate(zip(self._verdicts.paths, self._verdicts.tokens)):
             roots = self._root_candidates.get(self.input_batch.req_ids[index])
             if roots is None or discarded[index]:
                 continue
             tokens, draft_probs = roots
+            first = len(accepted)
             probs.append(draft_probs)
             ranks.append(torch.arange(tokens.numel()))
             accepted.append(tokens == emitted[0])
             tree = self._step_trees[index]
-            if tree is None or tree.draft_probs is None:
-                continue
-            on_path = torch.zeros(len(tree), dtype=torch.bool)
-            on_path[[0, *path]] = True
-            deeper = on_path[tree.parents[1:]] & (tree.parents[1:] > 0)
-            probs.append(tree.draft_probs[1:][deeper])
-            ranks.append(tree.ranks[1:][deeper])
-            accepted.append(on_path[1:][deeper])
+            if tree is not None and tree.draft_probs is not None:
+                on_path = torch.zeros(len(tree), dtype=torch.bool)
+                on_path[[0, *path]] = True
+                deeper = on_path[tree.parents[1:]] & (tree.parents[1:] > 0)
+                probs.append(tree.draft_probs[1:][deeper])
+                ranks.append(tree.ranks[1:][deeper])
+                accepted.append(on_path[1:][deeper])
+            outcomes = sum(a.numel() for a in accepted[first:])
+            sampled.append(self._sampled[index].expand(outcomes))
         if probs:
-            self.drafter.calibrator.record(torch.cat(probs), torch.cat(ranks), torch.cat(accepted))
+            self.drafter.calibrator.record(torch.cat(probs), torch.cat(ranks), torch.cat(accepted), torch.cat(sampled))
 
-    def _plain_requests(self) -> list[bool]:
-        """Per batch row: may this request take drafts (see tree_sampler)?"""
-        return [not needs_logits_processing(self.requests[req_id].sampling_params)
-                for req_id in self.input_batch.req_ids[: self.input_batch.num_reqs]]
+    def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
+        """Per batch row: may this request take drafts (see tree_sampler), and does it
+        verify by sampling (``[B]`` bool; else greedy)? Memoised per request id."""
+        known = self._flags_by_request
+
+        def flags(params) -> tuple[bool, bool]:
+            return not needs_logits_processing(params), params.temperature >= GREEDY_EPS
+
+        self._flags_by_request = {
+            req_id: known[req_id] if req_id in known else flags(self.requests[req_id].sampling_params)
+            for req_id in self.input_batch.req_ids[: self.input_batch.num_reqs]}
+        values = list(self._flags_by_request.values())
+        return [plain for plain, _ in values], torch.tensor([sampled for _, sampled in values], dtype=torch.bool)
 
     def _moved_paths(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(batch row, context length, accepted tree nodes) for paths that are not
@@ -246,6 +259,7 @@ class CastRunnerMixin:
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
         self.drafter.draftable = self._plain
+        self.drafter.sampled_rows = self._sampled
         self.drafter.batch_req_ids = req_ids
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
@@ -269,7 +283,7 @@ class CastRunnerMixin:
         if drafted or aux_hidden_states is None:
             return False
         context = float(self.input_batch.num_computed_tokens_cpu[: len(req_ids)].mean())
-        hopeless = self.drafter.speculation_hopeless(len(req_ids), context)
+        hopeless = self.drafter.speculation_hopeless(len(req_ids), context, bool(self._sampled.all()))
         if not self.drafter.dormancy.should_skip(len(req_ids), total, hopeless):
             return False
         self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],
