@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections import deque
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
+logger = logging.getLogger("vllm_cast")
 PROBE_INTERVAL_STEPS = 64
 """Most steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
 
@@ -193,7 +195,10 @@ class CastProposer(EagleProposer):
         decoding, both priced with the measured step overheads: (1 + expected accepted
         tokens) / (draft passes + verification) >= 1 / plain step."""
         speculative = self._draft_seconds(costs, forwarded_widths) + self._verify_seconds(costs, decision)
-        return (1.0 + decision.expected_accepted) * float(costs.target[1]) >= speculative
+        plain = float(costs.target[1])
+        logger.debug("CAST gate: widths %s verified %s: %.2f tokens in %.2f ms vs 1 token in %.2f ms",
+                     decision.widths, decision.verified, 1.0 + decision.expected_accepted, 1e3 * speculative, 1e3 * plain)
+        return (1.0 + decision.expected_accepted) * plain >= speculative
 
     def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:
         """Whether one more layer fits the K lookahead slots and the token buffers."""
