@@ -12,6 +12,7 @@ losslessness is untouched."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MIN_RATE_TRIALS = 32
@@ -32,6 +33,7 @@ class AcceptanceCalibrator:
         bins = PROBABILITY_EDGES.numel() - 1
         self.accepted = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
         self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
+        self._edges = PROBABILITY_EDGES.double().numpy()
 
     def _cells(self, probs: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bins = (torch.bucketize(probs.double(), PROBABILITY_EDGES.double(), right=True) - 1).clamp(0, self.trials.shape[2] - 1)
@@ -40,13 +42,15 @@ class AcceptanceCalibrator:
     def __call__(self, sorted_probs: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
         """Estimated acceptance ``[B, ..., K]`` of children whose draft probabilities
         ``[B, ..., K]`` are sorted descending (position = sibling rank); ``sampled`` ``[B]``
-        bool: whether each request verifies by sampling (else greedy)."""
-        ranks = torch.arange(sorted_probs.shape[-1]).expand_as(sorted_probs)
-        modes = sampled.long().view(-1, *([1] * (sorted_probs.dim() - 1))).expand_as(sorted_probs)
-        rank_cell, bin_cell = self._cells(sorted_probs, ranks)
-        hits, trials = self.accepted[modes, rank_cell, bin_cell], self.trials[modes, rank_cell, bin_cell]
-        prior = sorted_probs.double()
-        return ((hits + self.prior_strength * prior) / (trials + self.prior_strength)).to(sorted_probs.dtype)
+        bool: whether each request verifies by sampling (else greedy). Computed in numpy:
+        the arrays are tiny and this runs once per tree layer."""
+        probs = sorted_probs.numpy().astype(np.float64)
+        ranks = np.minimum(np.arange(probs.shape[-1]), self.ranks - 1)
+        bins = np.clip(np.searchsorted(self._edges, probs, side="right") - 1, 0, self.trials.shape[2] - 1)
+        modes = sampled.numpy().astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
+        hits, trials = self.accepted.numpy()[modes, ranks, bins], self.trials.numpy()[modes, ranks, bins]
+        estimate = (hits + self.prior_strength * probs) / (trials + self.prior_strength)
+        return torch.from_numpy(estimate).to(sorted_probs.dtype)
 
     def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor, sampled: torch.Tensor) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling

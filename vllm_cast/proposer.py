@@ -103,6 +103,7 @@ class CastProposer(EagleProposer):
         batch = common_attn_metadata.batch_size()
         self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
         no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
+        replayed = None
         if no_padding and self.dormancy.stashed_rows:
             replayed = self.dormancy.replay(self.batch_req_ids, target_token_ids, target_positions,
                                             target_hidden_states, common_attn_metadata, self.block_size)
@@ -110,6 +111,7 @@ class CastProposer(EagleProposer):
                 target_token_ids, target_positions, target_hidden_states, common_attn_metadata, \
                     token_indices_to_sample = replayed
                 num_rejected_tokens_gpu = None
+        first_pass_rows = target_token_ids.shape[0] / batch  # rows per request in the first pass
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
@@ -147,14 +149,19 @@ class CastProposer(EagleProposer):
             self.dormancy.wake()
         else:
             self.dormancy.enter(batch)
-        decision.predicted_draft_seconds = self._draft_seconds(table_costs, forwarded_widths)
+        decision.predicted_draft_seconds = self._draft_seconds(table_costs, forwarded_widths, first_pass_rows)
         decision.predicted_verify_seconds = self._verify_seconds(table_costs, decision)
         return [tree.draft_tokens for tree in self.last_trees]
 
     @staticmethod
-    def _draft_seconds(costs: StepCosts, forwarded_widths: list[int]) -> float:
-        """Seconds of this step's draft passes: the first pass and one per tree layer."""
-        return float(costs.draft[1] + sum(costs.draft[w] for w in forwarded_widths))
+    def _draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
+        """Seconds of a step's draft passes: the first pass over ``first_pass_rows`` rows per
+        request (the verified tokens, plus replayed ones after dormancy; linear beyond the
+        table) and one pass per tree layer."""
+        widest = costs.draft.numel() - 1
+        first = min(max(round(first_pass_rows), 1), widest)
+        first_seconds = costs.draft[first] * max(first_pass_rows / widest, 1.0)
+        return float(first_seconds + sum(costs.draft[w] for w in forwarded_widths))
 
     def _verify_seconds(self, costs: StepCosts, decision: StepDecision) -> float:
         """Seconds of the target forward verifying the largest of ``self.last_trees``."""
@@ -194,11 +201,12 @@ class CastProposer(EagleProposer):
         """Whether speculating as decided yields more expected tokens per second than plain
         decoding, both priced with the measured step overheads: (1 + expected accepted
         tokens) / (draft passes + verification) >= 1 / plain step."""
-        speculative = self._draft_seconds(costs, forwarded_widths) + self._verify_seconds(costs, decision)
+        emitted = 1.0 + decision.expected_accepted  # also the next first pass's rows per request
+        speculative = self._draft_seconds(costs, forwarded_widths, emitted) + self._verify_seconds(costs, decision)
         plain = float(costs.target[1])
         logger.debug("CAST gate: widths %s verified %s: %.2f tokens in %.2f ms vs 1 token in %.2f ms",
-                     decision.widths, decision.verified, 1.0 + decision.expected_accepted, 1e3 * speculative, 1e3 * plain)
-        return (1.0 + decision.expected_accepted) * plain >= speculative
+                     decision.widths, decision.verified, emitted, 1e3 * speculative, 1e3 * plain)
+        return emitted * plain >= speculative
 
     def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:
         """Whether one more layer fits the K lookahead slots and the token buffers."""

@@ -8,27 +8,32 @@ padding), so they are replaced by their running maximum first.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TIE_TOLERANCE = 1e-9
 """Relative slack so exact ties (Theorem 4.1's boundary) survive float64 rounding."""
 
+Curve = torch.Tensor | np.ndarray
+"""A 1-D (or, batched, 2-D) float curve on the CPU; numpy is used for speed on the tiny
+per-step curves (torch's per-op overhead dominates at these sizes)."""
 
-def running_max(costs: torch.Tensor) -> torch.Tensor:
-    """Monotone envelope of ``costs`` along the last dimension."""
-    return torch.cummax(costs, dim=-1).values
+
+def running_max(costs: Curve) -> np.ndarray:
+    """Monotone envelope of ``costs`` along the last dimension (float64)."""
+    return np.maximum.accumulate(np.asarray(costs, dtype=np.float64), axis=-1)
 
 
-def select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold: float, base: int = 0) -> int:
+def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> int:
     """Largest index reachable by accepted steps from ``base``.
 
-    utility, cost: 1-D float tensors of equal length (index = number of items kept).
+    utility, cost: 1-D float curves of equal length (index = number of items kept).
     Step ``anchor -> k`` is accepted when ``u[k] > u[anchor]`` and
     ``u[k] - u[anchor] >= threshold * (c[k] - c[anchor])``; later steps are measured from
     the last accepted index, which makes the rule robust to locally non-concave utility.
     Returns an index in ``[base, len(utility) - 1]``."""
-    u = utility.double().tolist()
-    c = running_max(cost.double()).tolist()
+    u = np.asarray(utility, dtype=np.float64).tolist()
+    c = running_max(cost).tolist()
     anchor = base
     for k in range(base + 1, len(u)):
         gain = u[k] - u[anchor]
@@ -37,9 +42,10 @@ def select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold:
     return anchor
 
 
-def batched_select_max_valid_index(utility: torch.Tensor, cost: torch.Tensor, threshold: float, base: int = 0) -> torch.Tensor:
+def batched_select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> torch.Tensor:
     """:func:`select_max_valid_index` for each row of ``utility`` ``[R, n+1]`` against one
     cost curve ``[n+1]`` or one per row ``[R, n+1]``. Returns int64 ``[R]``."""
-    costs = cost.expand_as(utility)
-    return torch.tensor([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(utility, costs)],
+    rows = np.asarray(utility, dtype=np.float64)
+    costs = np.broadcast_to(np.asarray(cost, dtype=np.float64), rows.shape)
+    return torch.tensor([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(rows, costs)],
                         dtype=torch.int64)

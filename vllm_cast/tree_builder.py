@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_cast.config import CastParams
@@ -78,6 +79,8 @@ class CastTreeBuilder:
         self.draft_cost = costs.draft_ratio()
         self.target_cost = costs.target_ratio()
         self.chain_target_cost = costs.chain_target_ratio()
+        self._tree_cost_np = self.target_cost.numpy().astype(np.float64)
+        self._chain_cost_np = self.chain_target_cost.numpy().astype(np.float64)
         if self.draft_cost.numel() <= self.k or self.target_cost.numel() <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
@@ -156,16 +159,15 @@ class CastTreeBuilder:
         )
         return self.frontier
 
-    def _verify_cost(self, sorted_depths: torch.Tensor) -> torch.Tensor:
+    def _verify_cost(self, sorted_depths: np.ndarray) -> np.ndarray:
         """Target cost of verifying the first ``n`` nodes of each row, ``[B, n_max + 1]``,
         for pool depths sorted by value ``[B, n_max]``: the causal (chain) curve while those
         nodes form a chain (their deepest node is at depth ``n``), the tree curve after."""
-        limit = sorted_depths.shape[1]
-        counts = torch.arange(1, limit + 1)
-        is_chain = torch.cat([torch.ones(sorted_depths.shape[0], 1, dtype=torch.bool),
-                              sorted_depths.cummax(1).values == counts], dim=1)
-        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self.target_cost, self.chain_target_cost))
-        return torch.where(is_chain, chain, tree)
+        b, limit = sorted_depths.shape
+        is_chain = np.ones((b, limit + 1), dtype=bool)
+        is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == np.arange(1, limit + 1)
+        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self._tree_cost_np, self._chain_cost_np))
+        return np.where(is_chain, chain, tree)
 
     def _verify_counts(self, sorted_pool: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Dynamic reranking's verify count per request ``[B]`` for a pool whose values
@@ -173,14 +175,16 @@ class CastTreeBuilder:
         against the target cost of that many nodes (chain or tree, see ``_verify_cost``)."""
         b, pool = sorted_pool.shape
         limit = min(self.max_nodes, pool)
-        per_row = torch.cat([torch.zeros(b, 1, dtype=torch.float64), sorted_pool[:, :limit].double().cumsum(1)], dim=1)
-        cost = self._verify_cost(torch.tensor(self.pool_depths)[order[:, :limit]])
+        values = sorted_pool[:, :limit].numpy().astype(np.float64)
+        per_row = np.zeros((b, limit + 1))
+        np.cumsum(values, axis=1, out=per_row[:, 1:])
+        cost = self._verify_cost(np.asarray(self.pool_depths)[order[:, :limit].numpy()])
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            count = select_max_valid_index(per_row.mean(0), cost.max(0).values, self.params.verify_threshold)
+            count = select_max_valid_index(per_row.mean(0), cost.max(0), self.params.verify_threshold)
             counts = torch.full((b,), count, dtype=torch.int64)
-        return torch.minimum(counts, (sorted_pool[:, :limit] > 0).sum(1))
+        return torch.minimum(counts, torch.from_numpy((values > 0).sum(1)))
 
     def _expansion_values(self, values: torch.Tensor) -> torch.Tensor:
         """Values ``[B, C]`` of the newest layer as breadth/depth pruning counts them: all
