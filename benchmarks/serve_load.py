@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from vllm_cast.prompts import TASKS, load_prompts
 from vllm_cast.serving import served, timed_stream
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB per server; vLLM's auto size takes most of RAM
 
 
 def percentile(values: list[float], q: float) -> float:

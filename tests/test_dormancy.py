@@ -32,15 +32,15 @@ def _metadata(starts: list[int], table: torch.Tensor) -> CommonAttentionMetadata
 
 def test_replay_prepends_remembered_rows_in_order_with_their_slots():
     dormancy = DraftDormancy(probe_interval=2, max_rows=100)
-    dormancy.enter(batch_size=2)
-    assert dormancy.should_skip(2, 2) and not dormancy.should_skip(2, 2), "first stretch: one step"
-    dormancy.enter(batch_size=2)
+    dormancy.enter()
+    assert dormancy.should_skip(2) and not dormancy.should_skip(2), "first stretch: one step"
+    dormancy.enter()
     table = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]], dtype=torch.int32)
     for step in range(2):
         tokens, positions, hidden, starts = _step([[5 + step], [9 + step]])
-        assert dormancy.should_skip(2, tokens.numel())
+        assert dormancy.should_skip(tokens.numel())
         dormancy.remember(["a", "b"], tokens, positions, hidden, starts)
-    assert not dormancy.should_skip(2, 2), "the probe step must draft"
+    assert not dormancy.should_skip(2), "the probe step must draft"
     tokens, positions, hidden, starts = _step([[7], [11, 12]])  # b: a two-token step
     tokens, positions, hidden, cad, last_rows = dormancy.replay(
         ["a", "b"], tokens, positions, hidden, _metadata(starts, table), BLOCK)
@@ -59,9 +59,9 @@ def test_dormant_stretches_back_off_and_reset_after_a_tree():
     dormancy = DraftDormancy(probe_interval=4, max_rows=100)
 
     def stretch() -> int:
-        dormancy.enter(batch_size=1)
+        dormancy.enter()
         skipped = 0
-        while dormancy.should_skip(1, 1):
+        while dormancy.should_skip(1):
             skipped += 1
         return skipped
 

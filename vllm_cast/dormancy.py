@@ -5,7 +5,7 @@ step only to keep the draft KV cache complete can cost more than speculation eve
 back (on CPU the one-layer head costs a third of a small target). CAST then goes dormant:
 for the next few steps the draft model does not run and the target rows it would have
 read (token, position, auxiliary hidden states) are kept per request. The next drafting
-step (a probe, or any step where the batch shrank) replays them in front of its own rows
+step (a probe) replays them in front of its own rows
 in one batched first pass, so the draft KV cache ends up exactly as if the draft had run
 every step. The dormant stretch backs off exponentially: 1 step after a speculating step,
 doubling with each probe that again chooses no tree, up to ``probe_interval`` steps."""
@@ -47,27 +47,25 @@ class DraftDormancy:
         self.max_rows = max_rows
         self.next_interval = 1
         self.steps_left = 0
-        self.batch_size = 0
         self.stash: dict[str, _Rows] = {}
         self.recent_steps: list[_StepRows] = []
         self.stashed_rows = 0
 
-    def enter(self, batch_size: int) -> None:
-        """CAST chose no tree at this batch size: skip drafting for a while (backing off)."""
+    def enter(self) -> None:
+        """CAST chose no tree: skip drafting for a while (backing off)."""
         self.steps_left = self.next_interval
         self.next_interval = min(2 * self.next_interval, self.probe_interval)
-        self.batch_size = batch_size
 
     def wake(self) -> None:
         """CAST chose a tree: the next dormant stretch starts short again."""
         self.next_interval = 1
 
-    def should_skip(self, batch_size: int, new_rows: int, hopeless: bool = False) -> bool:
-        """Whether this step may skip the draft: dormant and the batch did not shrink, or
-        speculation is ``hopeless`` at this batch size; and the remembered rows plus this
-        step's (twice, to leave room at wake-up) fit the buffers."""
+    def should_skip(self, new_rows: int, hopeless: bool = False) -> bool:
+        """Whether this step may skip the draft: dormant, or speculation is ``hopeless`` at
+        this batch size; and the remembered rows plus this step's (twice, to leave room at
+        wake-up) fit the buffers."""
         fits = self.stashed_rows + 2 * new_rows <= self.max_rows
-        skip = fits and (hopeless or (self.steps_left > 0 and batch_size >= self.batch_size))
+        skip = fits and (hopeless or self.steps_left > 0)
         self.steps_left = max(self.steps_left - 1, 0) if skip else 0
         return skip
 

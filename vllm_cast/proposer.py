@@ -35,6 +35,8 @@ from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 logger = logging.getLogger("vllm_cast")
 PROBE_INTERVAL_STEPS = 64
 """Most steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
+HOPELESS_MEMO_SIZE = 256
+"""(batch size, context bucket, mode) verdicts of ``speculation_hopeless`` kept at once."""
 
 CostSource = Callable[[int, float], StepCosts]
 """(batch size, mean context length in tokens) -> the step's cost curves."""
@@ -148,7 +150,7 @@ class CastProposer(EagleProposer):
         if any(decision.verified):
             self.dormancy.wake()
         else:
-            self.dormancy.enter(batch)
+            self.dormancy.enter()
         decision.predicted_draft_seconds = self._draft_seconds(table_costs, forwarded_widths, first_pass_rows)
         decision.predicted_verify_seconds = self._verify_seconds(table_costs, decision)
         return [tree.draft_tokens for tree in self.last_trees]
@@ -181,7 +183,9 @@ class CastProposer(EagleProposer):
             self._hopeless_memo[key] = (cached[0], cached[1] - 1)
             return cached[0]
         verdict = self._no_chain_can_pay(batch_size, context, all_sampled)
-        self._hopeless_memo = {key: (verdict, PROBE_INTERVAL_STEPS)}
+        if len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
+            self._hopeless_memo.clear()
+        self._hopeless_memo[key] = (verdict, PROBE_INTERVAL_STEPS)
         return verdict
 
     def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:

@@ -284,7 +284,7 @@ class CastRunnerMixin:
             return False
         context = float(self.input_batch.num_computed_tokens_cpu[: len(req_ids)].mean())
         hopeless = self.drafter.speculation_hopeless(len(req_ids), context, bool(self._sampled.all()))
-        if not self.drafter.dormancy.should_skip(len(req_ids), total, hopeless):
+        if not self.drafter.dormancy.should_skip(total, hopeless):
             return False
         self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],
                                        torch.cat([h[:total] for h in aux_hidden_states], dim=-1),
