@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections import deque
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.eagle import EagleProposer
 
+from vllm_cast import pricing
 from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import StepCosts
@@ -32,7 +32,6 @@ from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
-logger = logging.getLogger("vllm_cast")
 PROBE_INTERVAL_STEPS = 64
 """Most steps CAST skips the draft model after deciding not to speculate (see dormancy)."""
 HOPELESS_MEMO_SIZE = 256
@@ -143,7 +142,9 @@ class CastProposer(EagleProposer):
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         decision = self.last_decision = builder.decision
         decision.draft_passes = 1 + len(forwarded_widths)
-        if self.cast_params.decline_unprofitable and any(decision.verified) and not self._beats_plain_decoding(costs, forwarded_widths, decision):
+        chains = all(tree.is_chain for tree in self.last_trees)
+        if (self.cast_params.decline_unprofitable and any(decision.verified) and not pricing.beats_plain_decoding(
+                costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch
             decision.declined = True
@@ -151,25 +152,9 @@ class CastProposer(EagleProposer):
             self.dormancy.wake()
         else:
             self.dormancy.enter()
-        decision.predicted_draft_seconds = self._draft_seconds(table_costs, forwarded_widths, first_pass_rows)
-        decision.predicted_verify_seconds = self._verify_seconds(table_costs, decision)
+        decision.predicted_draft_seconds = pricing.draft_seconds(table_costs, forwarded_widths, first_pass_rows)
+        decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
-
-    @staticmethod
-    def _draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
-        """Seconds of a step's draft passes: the first pass over ``first_pass_rows`` rows per
-        request (the verified tokens, plus replayed ones after dormancy; linear beyond the
-        table) and one pass per tree layer."""
-        widest = costs.draft.numel() - 1
-        first = min(max(round(first_pass_rows), 1), widest)
-        first_seconds = costs.draft[first] * max(first_pass_rows / widest, 1.0)
-        return float(first_seconds + sum(costs.draft[w] for w in forwarded_widths))
-
-    def _verify_seconds(self, costs: StepCosts, decision: StepDecision) -> float:
-        """Seconds of the target forward verifying the largest of ``self.last_trees``."""
-        verified = max(decision.verified, default=0)
-        curve = costs.verify_curve(chain=all(tree.is_chain for tree in self.last_trees))
-        return float(curve[min(1 + verified, curve.numel() - 1)])
 
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: with the learned
@@ -194,23 +179,7 @@ class CastProposer(EagleProposer):
         if rate is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
-        chain = costs.verify_curve(chain=True)
-        for depth in range(1, min(self.cast_params.max_depth, self.max_nodes) + 1):
-            expected = sum(rate**i for i in range(depth + 1))
-            if expected * float(costs.target[1]) >= depth * float(costs.draft[1]) + float(chain[depth + 1]):
-                return False
-        return True
-
-    def _beats_plain_decoding(self, costs: StepCosts, forwarded_widths: list[int], decision: StepDecision) -> bool:
-        """Whether speculating as decided yields more expected tokens per second than plain
-        decoding, both priced with the measured step overheads: (1 + expected accepted
-        tokens) / (draft passes + verification) >= 1 / plain step."""
-        emitted = 1.0 + decision.expected_accepted  # also the next first pass's rows per request
-        speculative = self._draft_seconds(costs, forwarded_widths, emitted) + self._verify_seconds(costs, decision)
-        plain = float(costs.target[1])
-        logger.debug("CAST gate: widths %s verified %s: %.2f tokens in %.2f ms vs 1 token in %.2f ms",
-                     decision.widths, decision.verified, emitted, 1e3 * speculative, 1e3 * plain)
-        return emitted * plain >= speculative
+        return pricing.no_chain_can_pay(costs, rate, min(self.cast_params.max_depth, self.max_nodes))
 
     def _fits(self, drafted: _DraftedNodes, frontier: Frontier, batch: int) -> bool:
         """Whether one more layer fits the K lookahead slots and the token buffers."""

@@ -1,0 +1,58 @@
+"""What a CAST step costs, in seconds, and whether it beats plain decoding.
+
+Prices come from step cost curves (the cost table, with or without the measured
+overheads of vllm_cast.step_overheads). The proposer uses them to keep or decline a step's
+trees, to judge whether any speculation can pay at a batch size (if not, the draft model
+does not run at all), and to record the table's prediction the runner compares with the
+measured step time."""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_cast.cost_model import StepCosts
+
+logger = logging.getLogger("vllm_cast")
+
+
+def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
+    """Seconds of a step's draft passes: the first pass over ``first_pass_rows`` rows per
+    request (the verified tokens, plus replayed ones after dormancy; linear beyond the
+    table) and one pass per tree layer of the given widths."""
+    widest = costs.draft.numel() - 1
+    first = min(max(round(first_pass_rows), 1), widest)
+    first_seconds = costs.draft[first] * max(first_pass_rows / widest, 1.0)
+    return float(first_seconds + sum(costs.draft[w] for w in forwarded_widths))
+
+
+def verify_seconds(costs: StepCosts, verified: int, chains: bool) -> float:
+    """Seconds of the target forward verifying ``verified`` draft nodes per request (chains
+    through the causal curve, trees through the masked one)."""
+    curve = costs.verify_curve(chain=chains)
+    return float(curve[min(1 + verified, curve.numel() - 1)])
+
+
+def beats_plain_decoding(costs: StepCosts, forwarded_widths: list[int], expected_accepted: float, verified: int,
+                         chains: bool) -> bool:
+    """Whether a step that drafted ``forwarded_widths`` layers and verifies ``verified``
+    nodes yields more expected tokens per second than plain decoding: (1 + expected
+    accepted tokens) / (draft passes + verification) >= 1 / plain step (``costs.target[1]``)."""
+    emitted = 1.0 + expected_accepted  # also the next first pass's rows per request
+    speculative = draft_seconds(costs, forwarded_widths, emitted) + verify_seconds(costs, verified, chains)
+    plain = float(costs.target[1])
+    logger.debug("CAST gate: widths %s verified %d: %.2f tokens in %.2f ms vs 1 token in %.2f ms",
+                 forwarded_widths, verified, emitted, 1e3 * speculative, 1e3 * plain)
+    return emitted * plain >= speculative
+
+
+def no_chain_can_pay(costs: StepCosts, acceptance_rate: float, max_depth: int) -> bool:
+    """Whether no chain of depth 1..``max_depth`` whose nodes are each accepted with
+    ``acceptance_rate`` beats plain decoding: ``1 + a + ... + a^d`` tokens never pay for
+    ``d`` draft passes plus verifying ``d`` tokens causally."""
+    chain = costs.verify_curve(chain=True)
+    plain = float(costs.target[1])
+    for depth in range(1, min(max_depth, chain.numel() - 2) + 1):
+        expected = sum(acceptance_rate**i for i in range(depth + 1))
+        if expected * plain >= depth * float(costs.draft[1]) + float(chain[depth + 1]):
+            return False
+    return True
