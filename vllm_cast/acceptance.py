@@ -35,9 +35,10 @@ class AcceptanceCalibrator:
         self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
         self._edges = PROBABILITY_EDGES.double().numpy()
 
-    def _cells(self, probs: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bins = (torch.bucketize(probs.double(), PROBABILITY_EDGES.double(), right=True) - 1).clamp(0, self.trials.shape[2] - 1)
-        return ranks.clamp_max(self.ranks - 1), bins
+    def _cells(self, probs: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rank and probability-bin cells of draft probabilities and sibling ranks."""
+        bins = np.clip(np.searchsorted(self._edges, probs, side="right") - 1, 0, self.trials.shape[2] - 1)
+        return np.minimum(ranks, self.ranks - 1), bins
 
     def __call__(self, sorted_probs: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
         """Estimated acceptance ``[B, ..., K]`` of children whose draft probabilities
@@ -45,8 +46,7 @@ class AcceptanceCalibrator:
         bool: whether each request verifies by sampling (else greedy). Computed in numpy:
         the arrays are tiny and this runs once per tree layer."""
         probs = sorted_probs.numpy().astype(np.float64)
-        ranks = np.minimum(np.arange(probs.shape[-1]), self.ranks - 1)
-        bins = np.clip(np.searchsorted(self._edges, probs, side="right") - 1, 0, self.trials.shape[2] - 1)
+        ranks, bins = self._cells(probs, np.arange(probs.shape[-1]))
         modes = sampled.numpy().astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
         hits, trials = self.accepted.numpy()[modes, ranks, bins], self.trials.numpy()[modes, ranks, bins]
         estimate = (hits + self.prior_strength * probs) / (trials + self.prior_strength)
@@ -56,8 +56,9 @@ class AcceptanceCalibrator:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
         verified by sampling ``[T]`` bool."""
-        rank_cell, bin_cell = self._cells(probs, ranks)
-        flat = (sampled.long() * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
+        rank_cell, bin_cell = self._cells(probs.numpy().astype(np.float64), ranks.numpy())
+        flat = torch.from_numpy((sampled.numpy().astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2]
+                                + bin_cell)
         self.trials.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         self.accepted.view(-1).index_add_(0, flat, accepted.double())
 

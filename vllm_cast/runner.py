@@ -110,13 +110,16 @@ class CastRunnerMixin:
         if not self._decode_only or self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
-        context = float(self.input_batch.num_computed_tokens_cpu[:batch].mean())
-        plain_forward = float(self.drafter.cost_source(batch, context).target[1])
+        plain_forward = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
         if decision is None and predicted_verify is None:
             self.drafter.overheads.record_plain(batch, measured, plain_forward)
         elif decision is not None:
             predicted = decision.predicted_draft_seconds + (plain_forward if predicted_verify is None else predicted_verify)
             self.drafter.overheads.record_speculative(batch, measured, predicted, decision.draft_passes)
+
+    def _mean_context(self, batch: int) -> float:
+        """Tokens already computed per request, averaged over the first ``batch`` rows."""
+        return float(self.input_batch.num_computed_tokens_cpu[:batch].mean())
 
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
@@ -282,8 +285,8 @@ class CastRunnerMixin:
         total = scheduler_output.total_num_scheduled_tokens
         if drafted or aux_hidden_states is None:
             return False
-        context = float(self.input_batch.num_computed_tokens_cpu[: len(req_ids)].mean())
-        hopeless = self.drafter.speculation_hopeless(len(req_ids), context, bool(self._sampled.all()))
+        hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
+                                                     bool(self._sampled.all()))
         if not self.drafter.dormancy.should_skip(total, hopeless):
             return False
         self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],

@@ -77,11 +77,9 @@ class CastTreeBuilder:
         self.per_request = params.decision_scope == "request"
         self.max_nodes = max_nodes
         self.draft_cost = costs.draft_ratio()
-        self.target_cost = costs.target_ratio()
-        self.chain_target_cost = costs.chain_target_ratio()
-        self._tree_cost_np = self.target_cost.numpy().astype(np.float64)
-        self._chain_cost_np = self.chain_target_cost.numpy().astype(np.float64)
-        if self.draft_cost.numel() <= self.k or self.target_cost.numel() <= max_nodes + 1:
+        self.target_cost = costs.target_ratio().numpy().astype(np.float64)
+        self.chain_target_cost = costs.chain_target_ratio().numpy().astype(np.float64)
+        if self.draft_cost.numel() <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
         self.pool_tokens: list[torch.Tensor] = []
@@ -166,7 +164,7 @@ class CastTreeBuilder:
         b, limit = sorted_depths.shape
         is_chain = np.ones((b, limit + 1), dtype=bool)
         is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == np.arange(1, limit + 1)
-        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self._tree_cost_np, self._chain_cost_np))
+        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self.target_cost, self.chain_target_cost))
         return np.where(is_chain, chain, tree)
 
     def _verify_counts(self, sorted_pool: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
