@@ -82,11 +82,13 @@ def test_corrupt_table_is_refused(tmp_path, damage):
 
 def test_chain_costs_round_trip_and_default_to_tree_costs(tmp_path):
     table = synthetic_table()
-    assert table.chain_target_seconds is None
+    assert table.chain_target_seconds is None and table.chain_draft_seconds is None
     assert torch.equal(table.at(4, 512, 8).verify_curve(chain=True), table.at(4, 512, 8).target)
-    chain = table.target_seconds * 0.5
+    assert torch.equal(table.at(4, 512, 8).causal_draft_curve(), table.at(4, 512, 8).draft)
     with_chain = CostTable(table.key, table.batch_sizes, table.contexts, table.new_tokens, table.target_seconds,
-                           table.draft_seconds, chain)
+                           table.draft_seconds, table.target_seconds * 0.5, table.draft_seconds * 0.25)
     with_chain.save(tmp_path / "t.json")
     loaded = CostTable.load(tmp_path / "t.json")
-    assert torch.allclose(loaded.at(4, 512, 8).verify_curve(chain=True), 0.5 * loaded.at(4, 512, 8).target)
+    costs = loaded.at(4, 512, 8)
+    assert torch.allclose(costs.verify_curve(chain=True), 0.5 * costs.target)
+    assert torch.allclose(costs.causal_draft_curve(), 0.25 * costs.draft)

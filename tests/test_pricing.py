@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vllm_cast import pricing
@@ -22,6 +24,12 @@ def test_step_prices_follow_the_curves():
     assert abs(pricing.draft_seconds(costs, [], first_pass_rows=38) - 0.4) < 1e-9, "linear beyond the table"
     assert abs(pricing.verify_seconds(costs, 3, chains=True) - 1.3) < 1e-9
     assert abs(pricing.verify_seconds(costs, 3, chains=False) - 2.5) < 1e-9
+
+
+def test_the_first_pass_is_priced_causal_and_tree_layers_masked():
+    costs = dataclasses.replace(_costs(draft=0.2), chain_draft=0.05 * torch.arange(20, dtype=torch.float64))
+    # first pass over 3 rows: causal 0.15 s; layers of widths 1 and 2 on the (masked) draft curve: 0.4 s
+    assert abs(pricing.draft_seconds(costs, [1, 2], first_pass_rows=3) - 0.55) < 1e-9
 
 
 def test_a_step_is_kept_only_when_it_beats_plain_decoding():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 from core_helpers import linear_costs, synthetic_draft
@@ -83,10 +84,10 @@ def test_theorem_4_1_reproduces_eagle2_tree(top_k, depth, total_tokens):
     set_c1(draft(()).topk(top_k).values)
 
     def before_expand(child_probs: torch.Tensor) -> None:
-        set_c1((builder.frontier_values[0][:, None] * child_probs[0].topk(top_k).values).flatten())
+        set_c1((torch.from_numpy(builder.frontier_values[0])[:, None] * child_probs[0].topk(top_k).values).flatten())
 
     expand_all_layers(builder, [draft], before_expand)
-    pool = torch.cat(builder.pool_values, dim=1)[0].sort(descending=True).values
+    pool = torch.from_numpy(np.concatenate(builder.pool_values, axis=1))[0].sort(descending=True).values
     builder.params = dataclasses.replace(builder.params, verify_threshold=float(pool[total_tokens - 2]) / lam_t)
     tree = builder.finish(torch.zeros(1, dtype=torch.int64))[0]
     ours = [tuple(int(tree.tokens[i]) for i in path_to(tree.parents, node)[1:]) for node in range(1, len(tree))]

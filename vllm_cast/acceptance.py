@@ -40,17 +40,16 @@ class AcceptanceCalibrator:
         bins = np.clip(np.searchsorted(self._edges, probs, side="right") - 1, 0, self.trials.shape[2] - 1)
         return np.minimum(ranks, self.ranks - 1), bins
 
-    def __call__(self, sorted_probs: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-        """Estimated acceptance ``[B, ..., K]`` of children whose draft probabilities
-        ``[B, ..., K]`` are sorted descending (position = sibling rank); ``sampled`` ``[B]``
-        bool: whether each request verifies by sampling (else greedy). Computed in numpy:
-        the arrays are tiny and this runs once per tree layer."""
-        probs = sorted_probs.numpy().astype(np.float64)
+    def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+        """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft
+        probabilities ``[B, ..., K]`` are sorted descending (position = sibling rank);
+        ``sampled`` ``[B]`` bool: whether each request verifies by sampling (else greedy).
+        Numpy in and out: the arrays are tiny and this runs once per tree layer."""
+        probs = np.asarray(sorted_probs, dtype=np.float64)
         ranks, bins = self._cells(probs, np.arange(probs.shape[-1]))
-        modes = sampled.numpy().astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
+        modes = np.asarray(sampled).astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
         hits, trials = self.accepted.numpy()[modes, ranks, bins], self.trials.numpy()[modes, ranks, bins]
-        estimate = (hits + self.prior_strength * probs) / (trials + self.prior_strength)
-        return torch.from_numpy(estimate).to(sorted_probs.dtype)
+        return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
     def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor, sampled: torch.Tensor) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling

@@ -18,7 +18,7 @@ import torch
 
 from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3
 
 
 class CostTableError(ValueError):
@@ -65,12 +65,15 @@ class StepCosts:
     """Costs at one batch size and context, as functions of tokens per sequence.
 
     ``draft[n]`` / ``target[n]``: seconds of one forward with ``n`` new tokens per
-    sequence, index 0 unused (0.0); length ``max_tokens + 1``. ``target`` prices a tree
-    (masked attention); ``chain_target`` a chain (causal attention), None: same as trees."""
+    sequence, index 0 unused (0.0); length ``max_tokens + 1``. ``target`` and ``draft``
+    price trees (masked attention); ``chain_target`` and ``chain_draft`` the causal
+    attention a chain (and EAGLE's first pass over the verified tokens) takes; None: same
+    as trees."""
 
     draft: torch.Tensor
     target: torch.Tensor
     chain_target: torch.Tensor | None = None
+    chain_draft: torch.Tensor | None = None
 
     def draft_ratio(self) -> torch.Tensor:
         """Draft cost in units of one single-token target forward, ``[max_tokens + 1]``."""
@@ -83,6 +86,10 @@ class StepCosts:
     def verify_curve(self, chain: bool) -> torch.Tensor:
         """Seconds of verifying a chain (``chain``) or a tree of ``n - 1`` nodes, ``[max_tokens + 1]``."""
         return self.chain_target if chain and self.chain_target is not None else self.target
+
+    def causal_draft_curve(self) -> torch.Tensor:
+        """Seconds of a draft forward with ``n`` causal rows per sequence (the first pass)."""
+        return self.draft if self.chain_draft is None else self.chain_draft
 
     def chain_target_ratio(self) -> torch.Tensor:
         """Cost of verifying a chain, same units as :meth:`target_ratio`."""
@@ -107,7 +114,9 @@ class CostTable:
     ``target_seconds``: target forwards whose new tokens form a tree (masked attention);
     ``chain_target_seconds``: the same through the causal path a chain takes (None where
     both paths cost the same); ``draft_seconds``: draft forwards (one token per sequence
-    causal, more under a tree mask, as CAST drafts them)."""
+    causal, more under a tree mask, as CAST drafts tree layers); ``chain_draft_seconds``:
+    draft forwards with causal rows (EAGLE's first pass over the verified tokens; None:
+    priced as ``draft_seconds``)."""
 
     key: TableKey
     batch_sizes: list[int]
@@ -116,13 +125,14 @@ class CostTable:
     target_seconds: torch.Tensor
     draft_seconds: torch.Tensor
     chain_target_seconds: torch.Tensor | None = None
+    chain_draft_seconds: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (len(self.batch_sizes), len(self.contexts), len(self.new_tokens))
-        for name in ("target_seconds", "draft_seconds", "chain_target_seconds"):
+        for name in ("target_seconds", "draft_seconds", "chain_target_seconds", "chain_draft_seconds"):
             grid = getattr(self, name)
-            if grid is None and name == "chain_target_seconds":
+            if grid is None and name.startswith("chain_"):
                 continue
             if tuple(grid.shape) != shape:
                 raise CostTableError(f"{name} has shape {tuple(grid.shape)}, expected {shape}")
@@ -160,13 +170,19 @@ class CostTable:
         """Seconds of one draft forward, same arguments as :meth:`target`."""
         return self._lookup(self.draft_seconds, batch_size, context, tokens)
 
+    def chain_draft(self, batch_size: float, context: float, tokens: float) -> float:
+        """Seconds of one draft forward over causal rows (the first pass)."""
+        grid = self.draft_seconds if self.chain_draft_seconds is None else self.chain_draft_seconds
+        return self._lookup(grid, batch_size, context, tokens)
+
     def at(self, batch_size: int, context: float, max_tokens: int) -> StepCosts:
         """Both cost curves at one (batch, context), for 1..``max_tokens`` tokens."""
         ns = range(1, max_tokens + 1)
         draft = torch.tensor([0.0] + [self.draft(batch_size, context, n) for n in ns], dtype=torch.float64)
         target = torch.tensor([0.0] + [self.target(batch_size, context, n) for n in ns], dtype=torch.float64)
         chain = torch.tensor([0.0] + [self.chain_target(batch_size, context, n) for n in ns], dtype=torch.float64)
-        return StepCosts(draft=draft, target=target, chain_target=chain)
+        chain_draft = torch.tensor([0.0] + [self.chain_draft(batch_size, context, n) for n in ns], dtype=torch.float64)
+        return StepCosts(draft=draft, target=target, chain_target=chain, chain_draft=chain_draft)
 
     def to_json(self) -> dict:
         return {
@@ -177,7 +193,8 @@ class CostTable:
             "new_tokens": self.new_tokens,
             "target_seconds": self.target_seconds.tolist(),
             "draft_seconds": self.draft_seconds.tolist(),
-            "chain_target_seconds": None if self.chain_target_seconds is None else self.chain_target_seconds.tolist(),
+            **{name: None if getattr(self, name) is None else getattr(self, name).tolist()
+               for name in ("chain_target_seconds", "chain_draft_seconds")},
             "meta": self.meta,
         }
 
@@ -201,8 +218,8 @@ class CostTable:
                 new_tokens=list(blob["new_tokens"]),
                 target_seconds=torch.tensor(blob["target_seconds"], dtype=torch.float64),
                 draft_seconds=torch.tensor(blob["draft_seconds"], dtype=torch.float64),
-                chain_target_seconds=None if blob.get("chain_target_seconds") is None
-                else torch.tensor(blob["chain_target_seconds"], dtype=torch.float64),
+                **{name: None if blob.get(name) is None else torch.tensor(blob[name], dtype=torch.float64)
+                   for name in ("chain_target_seconds", "chain_draft_seconds")},
                 meta=blob.get("meta", {}),
             )
         except CostTableError:
@@ -225,15 +242,17 @@ ForwardTimer = Callable[[int, int, int], float]
 
 def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardTimer, batch_sizes: list[int],
                   contexts: list[int], new_tokens: list[int], time_chain_target: ForwardTimer | None = None,
-                  progress: bool = True) -> CostTable:
+                  time_chain_draft: ForwardTimer | None = None, progress: bool = True) -> CostTable:
     """Measure the models over the grid with the given timers (progress bar on stderr);
-    ``time_chain_target`` (optional) times causal target forwards for chains."""
+    ``time_chain_target`` / ``time_chain_draft`` (optional) time causal forwards (chains,
+    the first draft pass); single-token forwards are causal anyway and timed once."""
     from tqdm import tqdm
 
     shape = (len(batch_sizes), len(contexts), len(new_tokens))
     target = torch.zeros(shape, dtype=torch.float64)
     draft = torch.zeros(shape, dtype=torch.float64)
     chain = None if time_chain_target is None else torch.zeros(shape, dtype=torch.float64)
+    chain_draft = None if time_chain_draft is None else torch.zeros(shape, dtype=torch.float64)
     cells = [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
     for i, j, k in tqdm(cells, desc="profile cost table", unit="cell", disable=not progress):
         b, c, n = batch_sizes[i], contexts[j], new_tokens[k]
@@ -241,4 +260,6 @@ def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardT
         draft[i, j, k] = time_draft(b, c, n)
         if chain is not None:
             chain[i, j, k] = time_chain_target(b, c, n) if n > 1 else target[i, j, k]
-    return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft, chain)
+        if chain_draft is not None:
+            chain_draft[i, j, k] = time_chain_draft(b, c, n) if n > 1 else draft[i, j, k]
+    return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft, chain, chain_draft)

@@ -113,11 +113,12 @@ class ForwardTimers:
         """One target forward verifying chains (causal attention)."""
         return self.target(batch, context, new_tokens, tree=False)
 
-    def draft(self, batch: int, context: int, new_tokens: int) -> float:
-        """One draft forward: one token per sequence causal, more under a tree mask."""
+    def draft(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
+        """One draft forward: one token per sequence causal, more under a tree mask unless
+        ``tree`` is False."""
         drafter = self.drafter
         cad = self._metadata(batch, context, new_tokens)
-        with active_plan(tree_plan_for(batch, context, new_tokens) if new_tokens > 1 else None):
+        with active_plan(tree_plan_for(batch, context, new_tokens) if new_tokens > 1 and tree else None):
             _, per_layer = drafter.build_per_group_and_layer_attn_metadata(cad)
         count = cad.num_actual_tokens
         input_ids = torch.zeros(count, dtype=torch.int32, device=drafter.device)
@@ -131,3 +132,7 @@ class ForwardTimers:
                 drafter.model.compute_logits(normed)
 
         return median_seconds(run, self.repeats, self.synchronize)
+
+    def chain_draft(self, batch: int, context: int, new_tokens: int) -> float:
+        """One draft forward over causal rows (EAGLE's first pass over verified tokens)."""
+        return self.draft(batch, context, new_tokens, tree=False)

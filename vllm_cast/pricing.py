@@ -16,12 +16,13 @@ logger = logging.getLogger("vllm_cast")
 
 
 def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
-    """Seconds of a step's draft passes: the first pass over ``first_pass_rows`` rows per
-    request (the verified tokens, plus replayed ones after dormancy; linear beyond the
+    """Seconds of a step's draft passes: the causal first pass over ``first_pass_rows`` rows
+    per request (the verified tokens, plus replayed ones after dormancy; linear beyond the
     table) and one pass per tree layer of the given widths."""
-    widest = costs.draft.numel() - 1
+    causal = costs.causal_draft_curve()
+    widest = causal.numel() - 1
     first = min(max(round(first_pass_rows), 1), widest)
-    first_seconds = costs.draft[first] * max(first_pass_rows / widest, 1.0)
+    first_seconds = causal[first] * max(first_pass_rows / widest, 1.0)
     return float(first_seconds + sum(costs.draft[w] for w in forwarded_widths))
 
 

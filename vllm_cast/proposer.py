@@ -45,19 +45,27 @@ CostSource = Callable[[int, float], StepCosts]
 class _DraftedNodes:
     """Nodes already run through the draft model this step, per request.
 
-    ancestors ``[B, F, F]`` bool (row i: node i and its forwarded ancestors); hidden
-    ``[B, W, H]`` the newest layer's draft hidden states (inputs of its children); offset:
-    index of the newest layer's first node among the F; chain: every layer so far had
-    one node (then the next single node attends causally, vLLM's own attention path)."""
+    count: nodes forwarded so far (F); hidden ``[B, W, H]`` the newest layer's draft hidden
+    states (inputs of its children); offset: index of the newest layer's first node among
+    the F; ancestors ``[B, F, F]`` bool (row i: node i and its forwarded ancestors), None
+    while every layer so far had one node (a chain: the next single node attends
+    causally through vLLM's own attention path, and the mask is built only if a wider
+    layer follows)."""
 
-    ancestors: torch.Tensor
     hidden: torch.Tensor
+    count: int = 0
     offset: int = -1
-    chain: bool = True
+    ancestors: torch.Tensor | None = None
 
     @property
-    def count(self) -> int:
-        return int(self.ancestors.shape[1])
+    def chain(self) -> bool:
+        return self.ancestors is None
+
+    def ancestor_rows(self, batch: int) -> torch.Tensor:
+        """``[B, F, F]`` ancestor mask of the forwarded nodes (a chain's is lower-triangular)."""
+        if self.ancestors is None:
+            return torch.ones(self.count, self.count, dtype=torch.bool).tril().expand(batch, -1, -1)
+        return self.ancestors
 
 
 class CastProposer(EagleProposer):
@@ -125,11 +133,11 @@ class CastProposer(EagleProposer):
         costs = self.overheads.adjust(batch, table_costs)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
-                                  calibrate=functools.partial(self.calibrator, sampled=sampled)
+                                  calibrate=functools.partial(self.calibrator, sampled=sampled.numpy())
                                   if self.cast_params.acceptance_calibration else None)
         frontier = builder.start(self._probs(normed))
         self.last_root_candidates = builder.root_candidates
-        drafted = _DraftedNodes(ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool), hidden=hidden[:, None, :])
+        drafted = _DraftedNodes(hidden=hidden[:, None, :])
         forwarded_widths = []
         while frontier is not None and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
@@ -142,6 +150,7 @@ class CastProposer(EagleProposer):
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         decision = self.last_decision = builder.decision
         decision.draft_passes = 1 + len(forwarded_widths)
+        decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
         if (self.cast_params.decline_unprofitable and any(decision.verified) and not pricing.beats_plain_decoding(
                 costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
@@ -210,19 +219,24 @@ class CastProposer(EagleProposer):
 
     def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, root_positions: torch.Tensor,
                        cad: CommonAttentionMetadata, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one frontier ``[B, W]`` through the draft model under its tree mask; extends
-        ``drafted.ancestors``. Returns normed and pre-norm hidden states ``[B * W, H]``."""
+        """Run one frontier ``[B, W]`` through the draft model under its tree mask (causally
+        while the nodes form a chain); updates ``drafted``'s count and ancestors. Returns
+        normed and pre-norm hidden states ``[B * W, H]``."""
         batch, width = frontier.tokens.shape
         before = drafted.count
-        rows = torch.zeros(batch, width, before + width, dtype=torch.bool)
-        if drafted.offset >= 0:
-            parents = drafted.offset + frontier.parent_slot
-            rows[:, :, :before] = torch.gather(drafted.ancestors, 1, parents[:, :, None].expand(-1, -1, before))
-        rows[:, torch.arange(width), before + torch.arange(width)] = True
-        grown = torch.zeros(batch, before + width, before + width, dtype=torch.bool)
-        grown[:, :before, :before] = drafted.ancestors
-        grown[:, before:] = rows
-        drafted.ancestors = grown
+        parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0)
+        plan = None
+        if not (drafted.chain and width == 1):
+            rows = torch.zeros(batch, width, before + width, dtype=torch.bool)
+            if drafted.offset >= 0:
+                rows[:, :, :before] = torch.gather(drafted.ancestor_rows(batch), 1,
+                                                   (drafted.offset + parent_slot)[:, :, None].expand(-1, -1, before))
+            rows[:, torch.arange(width), before + torch.arange(width)] = True
+            grown = torch.zeros(batch, before + width, before + width, dtype=torch.bool)
+            grown[:, :before, :before] = drafted.ancestor_rows(batch)
+            grown[:, before:] = rows
+            drafted.ancestors = grown
+        drafted.count = before + width
 
         prefix = root_positions.cpu() + 1  # verified draft context per request
         logical = prefix[:, None] + before + torch.arange(width)[None, :]
@@ -231,20 +245,20 @@ class CastProposer(EagleProposer):
         slots = (block_ids * block_size + logical % block_size).flatten().to(cad.slot_mapping.dtype)
         seq_lens = (prefix + before + width).to(cad.seq_lens.dtype)
         num_tokens = batch * width
+        query_start = torch.arange(batch + 1, dtype=torch.int32) * width
         layer_cad = dataclasses.replace(
-            cad, query_start_loc=(torch.arange(batch + 1, dtype=torch.int32) * width).to(cad.query_start_loc.device),
-            query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32) * width,
+            cad, query_start_loc=query_start.to(cad.query_start_loc.device), query_start_loc_cpu=query_start,
             seq_lens=seq_lens.to(cad.seq_lens.device), num_actual_tokens=num_tokens, max_query_len=width,
             max_seq_len=int(seq_lens.max()), slot_mapping=slots.to(cad.slot_mapping.device), positions=None,
             seq_lens_cpu_upper_bound=None, causal=True)
-        drafted.chain = drafted.chain and width == 1
-        plan = None if drafted.chain else TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
+        if not drafted.chain:
+            plan = TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
         with active_plan(plan):
             _, per_layer = self.build_per_group_and_layer_attn_metadata(layer_cad, draft_index=depth)
 
-        parent_hidden = torch.gather(drafted.hidden, 1, frontier.parent_slot.clamp_min(0).to(drafted.hidden.device)
+        parent_hidden = torch.gather(drafted.hidden, 1, parent_slot.to(drafted.hidden.device)
                                      [:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
-        self.input_ids[:num_tokens] = frontier.tokens.flatten().to(self.input_ids)
+        self.input_ids[:num_tokens] = torch.from_numpy(frontier.tokens).flatten().to(self.input_ids)
         self.positions[:num_tokens] = (root_positions[:, None] + depth).expand(-1, width).flatten().to(self.positions)
         self.hidden_states[:num_tokens] = parent_hidden.reshape(num_tokens, -1)
         with set_forward_context(per_layer, self.vllm_config, num_tokens=num_tokens,

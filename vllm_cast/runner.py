@@ -58,6 +58,7 @@ class CastRunnerMixin:
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
         self._step_started = 0.0
+        self._drafting_seconds = 0.0
         self._decode_only = False
         self._predicted_verify_seconds: float | None = None
         self._root_candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -82,7 +83,8 @@ class CastRunnerMixin:
         batches, contexts, tokens = grids(self.scheduler_config.max_num_seqs, self.max_model_len, max_tokens,
                                           self.kv_cache_config.num_blocks - 1, timers.block_size)
         table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft, batches, contexts,
-                                                                 tokens, timers.chain_target), max_tokens)
+                                                                 tokens, timers.chain_target, timers.chain_draft),
+                             max_tokens)
         self.set_cost_source(cost_source(table, max_tokens))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
@@ -103,7 +105,8 @@ class CastRunnerMixin:
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
         """Compare a step's wall time with the cost table: for the stats (speculative
-        steps) and, for decode-only steps, the drafter's measured overheads."""
+        steps) and, for decode-only steps, the drafter's measured overheads (plain steps
+        whole; drafting calls on their own, probes that replayed dormant rows excepted)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
@@ -113,9 +116,9 @@ class CastRunnerMixin:
         plain_forward = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
         if decision is None and predicted_verify is None:
             self.drafter.overheads.record_plain(batch, measured, plain_forward)
-        elif decision is not None:
-            predicted = decision.predicted_draft_seconds + (plain_forward if predicted_verify is None else predicted_verify)
-            self.drafter.overheads.record_speculative(batch, measured, predicted, decision.draft_passes)
+        elif decision is not None and not decision.replayed:
+            self.drafter.overheads.record_drafting(batch, self._drafting_seconds, decision.predicted_draft_seconds,
+                                                   decision.draft_passes)
 
     def _mean_context(self, batch: int) -> float:
         """Tokens already computed per request, averaged over the first ``batch`` rows."""
@@ -264,9 +267,11 @@ class CastRunnerMixin:
         self.drafter.draftable = self._plain
         self.drafter.sampled_rows = self._sampled
         self.drafter.batch_req_ids = req_ids
+        started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
             aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
+        self._drafting_seconds = time.perf_counter() - started
         req_ids = self.input_batch.req_ids
         self.cast_trees = {req_ids[i]: tree for i, tree in enumerate(self.drafter.last_trees) if len(tree) > 1}
         roots = self.drafter.last_root_candidates

@@ -42,10 +42,10 @@ def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: 
     return anchor
 
 
-def batched_select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> torch.Tensor:
+def batched_select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> np.ndarray:
     """:func:`select_max_valid_index` for each row of ``utility`` ``[R, n+1]`` against one
     cost curve ``[n+1]`` or one per row ``[R, n+1]``. Returns int64 ``[R]``."""
     rows = np.asarray(utility, dtype=np.float64)
     costs = np.broadcast_to(np.asarray(cost, dtype=np.float64), rows.shape)
-    return torch.tensor([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(rows, costs)],
-                        dtype=torch.int64)
+    return np.array([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(rows, costs)],
+                    dtype=np.int64)

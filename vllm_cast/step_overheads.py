@@ -1,14 +1,15 @@
 """Step time the cost table does not price, measured online and added to CAST's costs.
 
 The cost table times bare model forwards. A real engine step also pays input preparation,
-sampling and bookkeeping (plain decoding too), and a speculative step pays per-pass work
-that no forward shows (attention metadata per draft layer, tree building, acceptance, KV
-compaction). The runner times every decode step against the table's prediction; this
-module keeps, per batch-size bucket, the median of the last ``WINDOW`` samples of
+sampling and bookkeeping (plain decoding too), and drafting pays per-pass work that no
+forward shows (attention metadata per draft layer, tree building, vocabulary top-K). The
+runner times every decode step and every drafting call against the table's prediction;
+this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samples of
 
 - ``plain``: measured minus predicted seconds of a step without drafting or verification;
-- ``per_pass``: of a speculative step, measured minus predicted minus ``plain``, divided
-  by the step's draft passes (first pass + one per tree layer).
+- ``per_pass``: of a drafting call (timed on its own, so verification and machine noise
+  in the rest of the step do not land on it), measured minus predicted seconds divided by
+  its draft passes (first pass + one per tree layer).
 
 :meth:`StepOverheads.adjust` adds them to a step's cost curves (``plain`` to every target
 forward, ``per_pass`` to every draft forward), so the builder's thresholds and the final
@@ -54,10 +55,9 @@ class StepOverheads:
         """A decode step with no draft pass and no verification (seconds)."""
         self._add(self.plain, batch_size, measured - predicted)
 
-    def record_speculative(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:
-        """A decode step that verified and/or drafted with ``passes`` draft forwards."""
-        extra = measured - predicted - self._median(self.plain, batch_bucket(batch_size))
-        self._add(self.per_pass, batch_size, extra / max(passes, 1))
+    def record_drafting(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:
+        """One drafting call of ``passes`` draft forwards (seconds)."""
+        self._add(self.per_pass, batch_size, (measured - predicted) / max(passes, 1))
 
     def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
@@ -72,7 +72,8 @@ class StepOverheads:
             return None if curve is None else curve + by * (curve > 0)
 
         return dataclasses.replace(costs, draft=shifted(costs.draft, per_pass), target=shifted(costs.target, plain),
-                                   chain_target=shifted(costs.chain_target, plain))
+                                   chain_target=shifted(costs.chain_target, plain),
+                                   chain_draft=shifted(costs.chain_draft, per_pass))
 
     def summary(self) -> dict[str, float]:
         """Current medians in milliseconds, keyed ``plain_ms_b<bucket>`` / ``per_pass_ms_b<bucket>``."""

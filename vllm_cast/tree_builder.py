@@ -30,16 +30,16 @@ from vllm_cast.tree import FlatTree
 
 @dataclass
 class Frontier:
-    """Nodes to expand with the next draft forward.
+    """Nodes to expand with the next draft forward (numpy, on the CPU).
 
     tokens ``[B, W]`` int64; parent_slot ``[B, W]`` int64: index of each node's parent in
     the previous frontier (-1: the root); valid ``[B, W]`` bool (request-scope padding);
     pool_index ``[B, W]`` int64: position in the candidate pool (1-based, 0 = root)."""
 
-    tokens: torch.Tensor
-    parent_slot: torch.Tensor
-    valid: torch.Tensor
-    pool_index: torch.Tensor
+    tokens: np.ndarray
+    parent_slot: np.ndarray
+    valid: np.ndarray
+    pool_index: np.ndarray
 
     @property
     def width(self) -> int:
@@ -59,6 +59,9 @@ class StepDecision:
     """Cost table's time for the target forward that verifies the largest tree."""
     draft_passes: int = 0
     """Draft forwards run this step (first pass + tree layers)."""
+    replayed: bool = False
+    """The first pass also replayed rows kept while dormant (a probe: its time is no
+    sample of the per-pass overhead)."""
     declined: bool = False
     """The trees were dropped: with measured overheads, plain decoding was faster."""
 
@@ -67,48 +70,63 @@ class StepDecision:
         return len(self.widths)
 
 
+def _descending(values: np.ndarray) -> np.ndarray:
+    """Per-row order that sorts ``values`` ``[B, C]`` descending, ties in index order."""
+    return np.argsort(-values, axis=1, kind="stable")
+
+
+def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[b, index[b, j]]`` for ``[B, C]`` values and ``[B, J]`` indices (the fast
+    spelling of ``np.take_along_axis(values, index, 1)`` for these tiny arrays)."""
+    return values[np.arange(values.shape[0])[:, None], index]
+
+
 class CastTreeBuilder:
-    """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc)."""
+    """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc).
+
+    The per-step arithmetic runs in numpy on ``[B, K]``-sized arrays (torch's per-op cost
+    dominates at these sizes); only the top-K over the vocabulary runs in torch."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.params = params
         self.k = params.node_top_k
         self.per_request = params.decision_scope == "request"
         self.max_nodes = max_nodes
-        self.draft_cost = costs.draft_ratio()
+        self.draft_cost = costs.draft_ratio().numpy().astype(np.float64)
         self.target_cost = costs.target_ratio().numpy().astype(np.float64)
         self.chain_target_cost = costs.chain_target_ratio().numpy().astype(np.float64)
-        if self.draft_cost.numel() <= self.k or self.target_cost.size <= max_nodes + 1:
+        if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
-        self.pool_tokens: list[torch.Tensor] = []
-        self.pool_parents: list[torch.Tensor] = []
-        self.pool_values: list[torch.Tensor] = []
-        self.pool_draft_probs: list[torch.Tensor] = []
+        self.pool_tokens: list[np.ndarray] = []
+        self.pool_parents: list[np.ndarray] = []
+        self.pool_values: list[np.ndarray] = []
+        self.pool_draft_probs: list[np.ndarray] = []
         self.pool_depths: list[int] = []
         """Tree depth of each pool candidate (1 = child of the root), in pool order."""
         self.calibrate = calibrate
         self.pool_size = 1  # the root
-        self.frontier_values: torch.Tensor | None = None
+        self.frontier_values: np.ndarray | None = None
         self.frontier: Frontier | None = None
         self.root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
         """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
         self.prev_utility: float | None = None
         self.decision = StepDecision()
 
-    def _children(self, distributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _children(self, distributions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Top-K children of each distribution ``[..., V]``: tokens and the factor each
         multiplies its parent's value by (draft probability, or its calibration)
         ``[..., K]``; records the raw draft probabilities for the pool."""
-        probs, tokens = distributions.float().topk(self.k, dim=-1)
+        top = distributions.float().topk(self.k, dim=-1)
+        probs, tokens = top.values.numpy().astype(np.float64), top.indices.numpy()
         self.pool_draft_probs.append(probs.reshape(probs.shape[0], -1))
         return tokens, probs if self.calibrate is None else self.calibrate(probs)
 
-    def _add_candidates(self, tokens: torch.Tensor, values: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    def _add_candidates(self, tokens: np.ndarray, values: np.ndarray, parents: np.ndarray) -> np.ndarray:
         """Append candidates ``[B, C]`` to the pool; return their pool indices ``[B, C]``."""
         count = tokens.shape[1]
-        index = torch.arange(self.pool_size, self.pool_size + count).expand_as(tokens)
+        index = np.broadcast_to(np.arange(self.pool_size, self.pool_size + count), tokens.shape)
         self.pool_tokens.append(tokens)
         self.pool_values.append(values)
         self.pool_parents.append(parents)
@@ -116,25 +134,25 @@ class CastTreeBuilder:
         self.pool_size += count
         return index
 
-    def _prune_and_continue(self, tokens: torch.Tensor, values: torch.Tensor, parent_slot: torch.Tensor,
-                            pool_index: torch.Tensor) -> Frontier | None:
+    def _prune_and_continue(self, tokens: np.ndarray, values: np.ndarray, parent_slot: np.ndarray,
+                            pool_index: np.ndarray) -> Frontier | None:
         """Breadth-prune one layer's candidates ``[B, C]``; decide on depth; return the
         frontier to expand or None to stop drafting."""
-        by_value = values.sort(dim=1, descending=True, stable=True).indices
-        effective = torch.gather(self._expansion_values(values), 1, by_value)
-        sorted_values, rank = effective.sort(dim=1, descending=True, stable=True)
-        order = torch.gather(by_value, 1, rank)  # by counted value, ties by real value
+        by_value = _descending(values)
+        effective = _gather(self._expansion_values(values), by_value)
+        rank = _descending(effective)
+        order = _gather(by_value, rank)  # by counted value, ties by real value
         width_cap = min(self.k, values.shape[1])
-        per_row = torch.cat([torch.zeros(values.shape[0], 1, dtype=torch.float64),
-                             sorted_values[:, :width_cap].double().cumsum(1)], dim=1)
-        cost = torch.cat([torch.zeros(1, dtype=torch.float64), self.draft_cost[1 : width_cap + 1]])
-        batch_utility = per_row.mean(0)
+        per_row = np.zeros((values.shape[0], width_cap + 1))
+        np.cumsum(_gather(effective, rank[:, :width_cap]), axis=1, out=per_row[:, 1:])
+        cost = np.concatenate([[0.0], self.draft_cost[1 : width_cap + 1]])
+        batch_utility = per_row.sum(0) / per_row.shape[0]
         if self.per_request:
             widths = batched_select_max_valid_index(per_row, cost, self.params.breadth_threshold, base=1)
             width = int(widths.max())
         else:
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
-            widths = torch.full((values.shape[0],), width, dtype=torch.int64)
+            widths = np.full(values.shape[0], width)
         kept_utility = float(batch_utility[width])
         self.decision.widths.append(width)
         if self.prev_utility is not None and self.prev_utility > 0:
@@ -146,14 +164,14 @@ class CastTreeBuilder:
         if alpha * kept_utility < self.params.depth_threshold * float(cost[width]):
             return None
         keep = order[:, :width]
-        kept_values = torch.gather(values, 1, keep)
-        valid = (torch.arange(width)[None, :] < widths[:, None]) & (kept_values > 0)
+        kept_values = _gather(values, keep)
+        valid = (np.arange(width)[None, :] < widths[:, None]) & (kept_values > 0)
         self.frontier_values = kept_values * valid
         self.frontier = Frontier(
-            tokens=torch.gather(tokens, 1, keep),
-            parent_slot=torch.gather(parent_slot, 1, keep),
+            tokens=_gather(tokens, keep),
+            parent_slot=_gather(parent_slot, keep),
             valid=valid,
-            pool_index=torch.gather(pool_index, 1, keep),
+            pool_index=_gather(pool_index, keep),
         )
         return self.frontier
 
@@ -167,41 +185,46 @@ class CastTreeBuilder:
         tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self.target_cost, self.chain_target_cost))
         return np.where(is_chain, chain, tree)
 
-    def _verify_counts(self, sorted_pool: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def _verify_counts(self, sorted_pool: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Dynamic reranking's verify count per request ``[B]`` for a pool whose values
         are sorted descending ``[B, P]`` (``order``: their pool positions, 0-based), C3
         against the target cost of that many nodes (chain or tree, see ``_verify_cost``)."""
         b, pool = sorted_pool.shape
         limit = min(self.max_nodes, pool)
-        values = sorted_pool[:, :limit].numpy().astype(np.float64)
+        values = sorted_pool[:, :limit]
         per_row = np.zeros((b, limit + 1))
         np.cumsum(values, axis=1, out=per_row[:, 1:])
-        cost = self._verify_cost(np.asarray(self.pool_depths)[order[:, :limit].numpy()])
+        cost = self._verify_cost(np.asarray(self.pool_depths)[order[:, :limit]])
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            count = select_max_valid_index(per_row.mean(0), cost.max(0), self.params.verify_threshold)
-            counts = torch.full((b,), count, dtype=torch.int64)
-        return torch.minimum(counts, torch.from_numpy((values > 0).sum(1)))
+            count = select_max_valid_index(per_row.sum(0) / b, cost.max(0), self.params.verify_threshold)
+            counts = np.full(b, count)
+        return np.minimum(counts, (values > 0).sum(1))
 
-    def _expansion_values(self, values: torch.Tensor) -> torch.Tensor:
+    def _sorted_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pool values sorted descending per row ``[B, P]`` and their pool positions (0-based)."""
+        values = np.concatenate(self.pool_values, axis=1)
+        order = _descending(values)
+        return _gather(values, order), order
+
+    def _expansion_values(self, values: np.ndarray) -> np.ndarray:
         """Values ``[B, C]`` of the newest layer as breadth/depth pruning counts them: all
         of them ("layer"), or only those inside the verify cut of the pool so far
         ("verified"; the rest count 0)."""
         if self.params.expansion_utility == "layer":
             return values
-        pool, order = torch.cat(self.pool_values, dim=1).sort(dim=1, descending=True, stable=True)
+        pool, order = self._sorted_pool()
         counts = self._verify_counts(pool, order)
-        cut = torch.gather(pool, 1, (counts - 1).clamp_min(0)[:, None])
-        return torch.where((values >= cut) & (counts[:, None] > 0), values, torch.zeros_like(values))
+        cut = _gather(pool, np.maximum(counts - 1, 0)[:, None])
+        return np.where((values >= cut) & (counts[:, None] > 0), values, 0.0)
 
     def start(self, root_probs: torch.Tensor) -> Frontier | None:
         """Layer 1 from the draft distribution after the root, ``[B, V]``."""
         tokens, values = self._children(root_probs)
-        self.root_candidates = (tokens, self.pool_draft_probs[0])
-        parents = torch.zeros_like(tokens)
-        pool_index = self._add_candidates(tokens, values, parents)
-        return self._prune_and_continue(tokens, values, torch.full_like(tokens, -1), pool_index)
+        self.root_candidates = (torch.from_numpy(tokens), torch.from_numpy(self.pool_draft_probs[0]))
+        pool_index = self._add_candidates(tokens, values, np.zeros_like(tokens))
+        return self._prune_and_continue(tokens, values, np.full_like(tokens, -1), pool_index)
 
     def expand(self, child_probs: torch.Tensor) -> Frontier | None:
         """Next layer from the draft distributions at the frontier nodes, ``[B, W, V]``."""
@@ -210,8 +233,8 @@ class CastTreeBuilder:
         tokens, probs = self._children(child_probs)
         values = (self.frontier_values[:, :, None] * probs).reshape(b, w * self.k)
         tokens = tokens.reshape(b, w * self.k)
-        parents = self.frontier.pool_index[:, :, None].expand(b, w, self.k).reshape(b, w * self.k)
-        parent_slot = torch.arange(w)[None, :, None].expand(b, w, self.k).reshape(b, w * self.k)
+        parents = np.repeat(self.frontier.pool_index, self.k, axis=1)
+        parent_slot = np.broadcast_to(np.repeat(np.arange(w), self.k), (b, w * self.k))
         pool_index = self._add_candidates(tokens, values, parents)
         return self._prune_and_continue(tokens, values, parent_slot, pool_index)
 
@@ -220,29 +243,27 @@ class CastTreeBuilder:
 
         root_tokens ``[B]``: each request's last verified token. max_nodes_per_request
         ``[B]`` optionally caps a request's draft nodes (e.g. near max_model_len)."""
-        tokens = torch.cat(self.pool_tokens, dim=1)
-        values = torch.cat(self.pool_values, dim=1)
-        parents = torch.cat(self.pool_parents, dim=1)
-        draft_probs = torch.cat(self.pool_draft_probs, dim=1)
-        b = values.shape[0]
-        sorted_values, order = values.sort(dim=1, descending=True, stable=True)
+        tokens = np.concatenate(self.pool_tokens, axis=1)
+        parents = np.concatenate(self.pool_parents, axis=1)
+        draft_probs = np.concatenate(self.pool_draft_probs, axis=1)
+        sorted_values, order = self._sorted_pool()
+        values = np.concatenate(self.pool_values, axis=1)
         counts = self._verify_counts(sorted_values, order)
         if max_nodes_per_request is not None:
-            counts = torch.minimum(counts, max_nodes_per_request.clamp_min(0))
+            counts = np.minimum(counts, np.maximum(np.asarray(max_nodes_per_request), 0))
+        roots = np.asarray(root_tokens).astype(np.int64)
+        node_of_pool = np.zeros(self.pool_size, dtype=np.int64)  # pool index (0 = root) -> tree node
         trees = []
-        for row in range(b):
-            m = int(counts[row])
-            chosen = order[row, :m].sort().values  # pool order: parents before children
-            new_index = {0: 0}
-            new_index.update({int(p) + 1: i + 1 for i, p in enumerate(chosen.tolist())})
-            node_parents = [-1] + [new_index[int(parents[row, p])] for p in chosen.tolist()]
+        for row, m in enumerate(counts.tolist()):
+            chosen = np.sort(order[row, :m])  # pool order: parents before children
+            node_of_pool[chosen + 1] = np.arange(1, m + 1)
             trees.append(FlatTree(
-                tokens=torch.cat([root_tokens[row : row + 1].long(), tokens[row, chosen]]),
-                parents=torch.tensor(node_parents, dtype=torch.int64),
-                values=torch.cat([torch.ones(1), values[row, chosen].float()]),
-                draft_probs=torch.cat([torch.ones(1), draft_probs[row, chosen]]),
-                ranks=torch.cat([torch.zeros(1, dtype=torch.int64), chosen % self.k]),
+                tokens=torch.from_numpy(np.concatenate([roots[row : row + 1], tokens[row, chosen]])),
+                parents=torch.from_numpy(np.concatenate([[-1], node_of_pool[parents[row, chosen]]])),
+                values=torch.from_numpy(np.concatenate([[1.0], values[row, chosen]]).astype(np.float32)),
+                draft_probs=torch.from_numpy(np.concatenate([[1.0], draft_probs[row, chosen]]).astype(np.float32)),
+                ranks=torch.from_numpy(np.concatenate([[0], chosen % self.k])),
             ))
             self.decision.verified.append(m)
-        self.decision.expected_accepted = float(sum(float(t.values[1:].sum()) for t in trees) / b)
+        self.decision.expected_accepted = float(sum(float(t.values[1:].sum()) for t in trees) / len(trees))
         return trees
