@@ -51,15 +51,14 @@ class AcceptanceCalibrator:
         hits, trials = self.accepted.numpy()[modes, ranks, bins], self.trials.numpy()[modes, ranks, bins]
         return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
-    def record(self, probs: torch.Tensor, ranks: torch.Tensor, accepted: torch.Tensor, sampled: torch.Tensor) -> None:
+    def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
-        verified by sampling ``[T]`` bool."""
-        rank_cell, bin_cell = self._cells(probs.numpy().astype(np.float64), ranks.numpy())
-        flat = torch.from_numpy((sampled.numpy().astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2]
-                                + bin_cell)
-        self.trials.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-        self.accepted.view(-1).index_add_(0, flat, accepted.double())
+        verified by sampling ``[T]`` bool (numpy or CPU tensors)."""
+        rank_cell, bin_cell = self._cells(np.asarray(probs, dtype=np.float64), np.asarray(ranks))
+        flat = (np.asarray(sampled).astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
+        np.add.at(self.trials.numpy().reshape(-1), flat, 1.0)
+        np.add.at(self.accepted.numpy().reshape(-1), flat, np.asarray(accepted, dtype=np.float64))
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,

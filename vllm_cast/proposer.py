@@ -16,6 +16,7 @@ import functools
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from vllm.config import CUDAGraphMode
 from vllm.forward_context import set_forward_context
@@ -91,7 +92,7 @@ class CastProposer(EagleProposer):
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
         self.last_decision: StepDecision | None = None
-        self.last_root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Each request's top-K first draft tokens and their probabilities ``[B, K]``: the
         calibrator learns from them every step, speculating or not."""
 

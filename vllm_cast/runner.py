@@ -61,7 +61,9 @@ class CastRunnerMixin:
         self._drafting_seconds = 0.0
         self._decode_only = False
         self._predicted_verify_seconds: float | None = None
-        self._root_candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._root_candidates: tuple[list[str], np.ndarray, np.ndarray] | None = None
+        """Last drafting step's request ids and their top-K first draft tokens and
+        probabilities ``[B, K]`` (the calibrator's first-layer outcomes)."""
         if self.sampler.logprobs_mode not in ("raw_logprobs", "raw_logits"):
             raise ValueError(f"CAST supports logprobs_mode raw_logprobs or raw_logits, not {self.sampler.logprobs_mode!r}")
 
@@ -105,19 +107,21 @@ class CastRunnerMixin:
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
         """Compare a step's wall time with the cost table: for the stats (speculative
-        steps) and, for decode-only steps, the drafter's measured overheads (plain steps
-        whole; drafting calls on their own, probes that replayed dormant rows excepted)."""
+        steps) and, for decode-only steps, the drafter's measured overheads: the step
+        outside its drafting call against its target forward (plain or verifying), and
+        the drafting call against its draft passes (not for probes replaying dormant rows)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
         if not self._decode_only or self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
-        plain_forward = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
-        if decision is None and predicted_verify is None:
-            self.drafter.overheads.record_plain(batch, measured, plain_forward)
-        elif decision is not None and not decision.replayed:
-            self.drafter.overheads.record_drafting(batch, self._drafting_seconds, decision.predicted_draft_seconds,
+        if predicted_verify is None:
+            predicted_verify = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
+        drafting = 0.0 if decision is None else self._drafting_seconds
+        self.drafter.overheads.record_plain(batch, measured - drafting, predicted_verify)
+        if decision is not None and not decision.replayed:
+            self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds,
                                                    decision.draft_passes)
 
     def _mean_context(self, batch: int) -> float:
@@ -180,29 +184,34 @@ class CastRunnerMixin:
         """Feed the drafter's calibrator with this step's outcomes: every first-layer
         candidate drafted last step (accepted iff it is the token the target drew after
         the root) and every deeper verified node whose parent was accepted."""
-        probs, ranks, accepted, sampled = [], [], [], []
-        discarded = self.discard_request_mask.np
-        for index, (path, emitted) in enumerate(zip(self._verdicts.paths, self._verdicts.tokens)):
-            roots = self._root_candidates.get(self.input_batch.req_ids[index])
-            if roots is None or discarded[index]:
-                continue
-            tokens, draft_probs = roots
-            first = len(accepted)
-            probs.append(draft_probs)
-            ranks.append(torch.arange(tokens.numel()))
-            accepted.append(tokens == emitted[0])
+        if self._root_candidates is None:
+            return
+        drafted_ids, root_tokens, root_probs = self._root_candidates
+        drafted_row = {req_id: row for row, req_id in enumerate(drafted_ids)}
+        current_ids = self.input_batch.req_ids[: len(self._verdicts.tokens)]
+        rows = [(index, drafted_row[req_id]) for index, req_id in enumerate(current_ids)
+                if req_id in drafted_row and not self.discard_request_mask.np[index]]
+        if not rows:
+            return
+        now, before = (np.array(column) for column in zip(*rows))
+        first_tokens = np.array([self._verdicts.tokens[index][0] for index in now])
+        k = root_tokens.shape[1]
+        probs, ranks = [root_probs[before].ravel()], [np.tile(np.arange(k), len(now))]
+        accepted = [(root_tokens[before] == first_tokens[:, None]).ravel()]
+        sampled = [np.repeat(self._sampled.numpy()[now], k)]
+        for index in now.tolist():
             tree = self._step_trees[index]
-            if tree is not None and tree.draft_probs is not None:
-                on_path = torch.zeros(len(tree), dtype=torch.bool)
-                on_path[[0, *path]] = True
-                deeper = on_path[tree.parents[1:]] & (tree.parents[1:] > 0)
-                probs.append(tree.draft_probs[1:][deeper])
-                ranks.append(tree.ranks[1:][deeper])
-                accepted.append(on_path[1:][deeper])
-            outcomes = sum(a.numel() for a in accepted[first:])
-            sampled.append(self._sampled[index].expand(outcomes))
-        if probs:
-            self.drafter.calibrator.record(torch.cat(probs), torch.cat(ranks), torch.cat(accepted), torch.cat(sampled))
+            if tree is None or tree.draft_probs is None or len(tree) <= 2:
+                continue  # no node below the first layer
+            parents = tree.parents.numpy()
+            on_path = np.zeros(len(tree), dtype=bool)
+            on_path[[0, *self._verdicts.paths[index]]] = True
+            deeper = on_path[parents[1:]] & (parents[1:] > 0)
+            probs.append(tree.draft_probs.numpy()[1:][deeper])
+            ranks.append(tree.ranks.numpy()[1:][deeper])
+            accepted.append(on_path[1:][deeper])
+            sampled.append(np.full(int(deeper.sum()), bool(self._sampled[index])))
+        self.drafter.calibrator.record(*(np.concatenate(column) for column in (probs, ranks, accepted, sampled)))
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
@@ -261,7 +270,7 @@ class CastRunnerMixin:
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         if self._skip_drafting(scheduler_output, spec_decode_metadata, aux_hidden_states, req_ids):
-            self._root_candidates = {}
+            self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
         self.drafter.draftable = self._plain
@@ -275,8 +284,7 @@ class CastRunnerMixin:
         req_ids = self.input_batch.req_ids
         self.cast_trees = {req_ids[i]: tree for i, tree in enumerate(self.drafter.last_trees) if len(tree) > 1}
         roots = self.drafter.last_root_candidates
-        self._root_candidates = {} if roots is None else {
-            req_ids[i]: (roots[0][i], roots[1][i]) for i in range(roots[0].shape[0])}
+        self._root_candidates = None if roots is None else (list(req_ids[: roots[0].shape[0]]), *roots)
         if self.drafter.last_decision is not None:
             self.cast_stats.record(self.drafter.last_decision, len(self.drafter.last_trees))
         return drafts

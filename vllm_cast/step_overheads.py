@@ -6,7 +6,8 @@ forward shows (attention metadata per draft layer, tree building, vocabulary top
 runner times every decode step and every drafting call against the table's prediction;
 this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samples of
 
-- ``plain``: measured minus predicted seconds of a step without drafting or verification;
+- ``plain``: measured minus predicted seconds of a step outside its drafting call: the
+  target forward (plain or verifying) with input preparation, sampling or tree acceptance;
 - ``per_pass``: of a drafting call (timed on its own, so verification and machine noise
   in the rest of the step do not land on it), measured minus predicted seconds divided by
   its draft passes (first pass + one per tree layer).
@@ -52,7 +53,7 @@ class StepOverheads:
         samples.setdefault(batch_bucket(batch_size), deque(maxlen=WINDOW)).append(sample)
 
     def record_plain(self, batch_size: int, measured: float, predicted: float) -> None:
-        """A decode step with no draft pass and no verification (seconds)."""
+        """A decode step outside its drafting call, against its target forward (seconds)."""
         self._add(self.plain, batch_size, measured - predicted)
 
     def record_drafting(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:

@@ -109,7 +109,7 @@ class CastTreeBuilder:
         self.pool_size = 1  # the root
         self.frontier_values: np.ndarray | None = None
         self.frontier: Frontier | None = None
-        self.root_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
         self.prev_utility: float | None = None
         self.decision = StepDecision()
@@ -222,7 +222,7 @@ class CastTreeBuilder:
     def start(self, root_probs: torch.Tensor) -> Frontier | None:
         """Layer 1 from the draft distribution after the root, ``[B, V]``."""
         tokens, values = self._children(root_probs)
-        self.root_candidates = (torch.from_numpy(tokens), torch.from_numpy(self.pool_draft_probs[0]))
+        self.root_candidates = (tokens, self.pool_draft_probs[0])
         pool_index = self._add_candidates(tokens, values, np.zeros_like(tokens))
         return self._prune_and_continue(tokens, values, np.full_like(tokens, -1), pool_index)
 
