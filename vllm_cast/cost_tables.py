@@ -38,11 +38,13 @@ def default_table_path(key: TableKey) -> Path:
     return cache_root() / "cost_tables" / f"{digest}.json"
 
 
-def resolve_table(params: CastParams, key: TableKey, profile: Callable[[], CostTable], max_tokens: int) -> CostTable:
+def resolve_table(params: CastParams, key: TableKey, profile: Callable[[], CostTable], max_tokens: int,
+                  max_batch: int = 1) -> CostTable:
     """The cost table to use, per ``params.profile`` (auto: load a valid table or profile
     and save one; force: profile and save; never: load or fail). A table for another key,
-    a corrupt one, or one not covering ``max_tokens`` new tokens is refused (CostTableError)
-    unless profiling is allowed, in which case it is replaced."""
+    a corrupt one, or one not covering ``max_tokens`` new tokens or batches of ``max_batch``
+    sequences (it was profiled for a smaller engine) is refused (CostTableError) unless
+    profiling is allowed, in which case it is replaced."""
     path = Path(params.cost_table) if params.cost_table else default_table_path(key)
     if params.profile != "force" and path.exists():
         try:
@@ -50,6 +52,9 @@ def resolve_table(params: CastParams, key: TableKey, profile: Callable[[], CostT
             if table.new_tokens[-1] < max_tokens:
                 raise CostTableError(f"cost table {path} covers {table.new_tokens[-1]} new tokens per sequence, "
                                      f"CAST needs {max_tokens}; re-profile with profile='force'")
+            if table.batch_sizes[-1] < max_batch:
+                raise CostTableError(f"cost table {path} covers batches up to {table.batch_sizes[-1]} sequences, "
+                                     f"this engine runs {max_batch}; re-profile with profile='force'")
             logger.info("CAST: cost table %s", path)
             return table
         except CostTableError:

@@ -30,6 +30,7 @@ from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.step_overheads import StepOverheads
+from vllm_cast.throughput import MeasuredThroughput
 from vllm_cast.tree import FlatTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
@@ -87,6 +88,10 @@ class CastProposer(EagleProposer):
         """Request ids of the batch rows (set by the runner before each proposal)."""
         self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
         self.overheads = StepOverheads()
+        self.throughput = MeasuredThroughput()
+        self._speculated_last_call = False
+        """Whether the previous proposal kept a tree (else this one probes: it may speculate
+        even while speculation measures slower, which keeps those measurements fresh)."""
         self._hopeless_memo: dict[tuple[int, int, bool], tuple[bool, int]] = {}
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
@@ -153,12 +158,15 @@ class CastProposer(EagleProposer):
         decision.draft_passes = 1 + len(forwarded_widths)
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
-        if (self.cast_params.decline_unprofitable and any(decision.verified) and not pricing.beats_plain_decoding(
-                costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
+        measured_slower = self._speculated_last_call and self.throughput.speculation_slower(batch, bool(sampled.all()))
+        if self.cast_params.decline_unprofitable and any(decision.verified) and (
+                measured_slower or not pricing.beats_plain_decoding(
+                    costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch
             decision.declined = True
-        if any(decision.verified):
+        self._speculated_last_call = any(decision.verified)
+        if self._speculated_last_call:
             self.dormancy.wake()
         else:
             self.dormancy.enter()

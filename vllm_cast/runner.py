@@ -59,6 +59,8 @@ class CastRunnerMixin:
         self.cast_stats = CastStats()
         self._step_started = 0.0
         self._drafting_seconds = 0.0
+        self._emitted_tokens = 0
+        self._verified_drafts = False
         self._decode_only = False
         self._predicted_verify_seconds: float | None = None
         self._root_candidates: tuple[list[str], np.ndarray, np.ndarray] | None = None
@@ -73,7 +75,7 @@ class CastRunnerMixin:
     def cast_summary(self) -> dict[str, float]:
         """CAST's decision statistics plus the steps the draft model was skipped."""
         return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps,
-                **self.drafter.overheads.summary()}
+                **self.drafter.overheads.summary(), **self.drafter.throughput.summary()}
 
     def cast_prepare_costs(self) -> None:
         """Load or profile the cost table (worker start-up, after the KV cache exists)."""
@@ -86,7 +88,7 @@ class CastRunnerMixin:
                                           self.kv_cache_config.num_blocks - 1, timers.block_size)
         table = resolve_table(params, key, lambda: profile_table(key, timers.target, timers.draft, batches, contexts,
                                                                  tokens, timers.chain_target, timers.chain_draft),
-                             max_tokens)
+                             max_tokens, max_batch=batches[-1])
         self.set_cost_source(cost_source(table, max_tokens))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
@@ -123,6 +125,9 @@ class CastRunnerMixin:
         if decision is not None and not decision.replayed:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds,
                                                    decision.draft_passes)
+        if self._verified_drafts == (decision is not None):  # a speculating step, or a plain one
+            self.drafter.throughput.record(batch, bool(self._sampled.all()), self._verified_drafts,
+                                           self._emitted_tokens, measured)
 
     def _mean_context(self, batch: int) -> float:
         """Tokens already computed per request, averaged over the first ``batch`` rows."""
@@ -167,6 +172,7 @@ class CastRunnerMixin:
         self._verdicts = None
         self.cast_trees = {}  # consumed by this step's _prepare_inputs; refilled by drafting
         self.drafter.last_decision = None
+        self._emitted_tokens, self._verified_drafts = self.input_batch.num_reqs, False
         if spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
         self.input_batch.update_async_output_token_ids()
@@ -174,6 +180,8 @@ class CastRunnerMixin:
         output, self._verdicts = verify_trees(
             logits, spec_decode_metadata, parents, self._plain,
             self.input_batch.sampling_metadata, self.sampler)
+        self._emitted_tokens = sum(len(tokens) for tokens in self._verdicts.tokens)
+        self._verified_drafts = any(spec_decode_metadata.num_draft_tokens)
         self._compact_accepted_kv()
         self._record_acceptance()
         self.cast_stats.record_verification(list(spec_decode_metadata.num_draft_tokens),
