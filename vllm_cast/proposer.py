@@ -158,9 +158,9 @@ class CastProposer(EagleProposer):
         decision.draft_passes = 1 + len(forwarded_widths)
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
-        measured_slower = self._speculated_last_call and self.throughput.speculation_slower(batch, bool(sampled.all()))
+        measured_decline = self._speculated_last_call and self.throughput.should_decline(batch, bool(sampled.all()))
         if self.cast_params.decline_unprofitable and any(decision.verified) and (
-                measured_slower or not pricing.beats_plain_decoding(
+                measured_decline or not pricing.beats_plain_decoding(
                     costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch

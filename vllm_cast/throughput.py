@@ -9,7 +9,8 @@ records every decode-only step: tokens emitted per second of steps that verified
 verification mode (greedy / all sampled) the medians of the last ``WINDOW`` samples are
 compared; while speculating measures slower than plain decoding, the proposer declines its
 trees and stays dormant (probing on the dormancy back-off, which keeps the speculative
-samples fresh)."""
+samples fresh). When only speculating steps have been measured at a batch size, it also
+declines once they are enough: the dormant stretch that follows measures plain decoding."""
 
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ class MeasuredThroughput:
         samples = self.rates.get((batch_bucket(batch_size), all_sampled, speculative))
         return statistics.median(samples) if samples and len(samples) >= MIN_SAMPLES else None
 
-    def speculation_slower(self, batch_size: int, all_sampled: bool) -> bool:
-        """Whether speculative steps measured fewer tokens per second than plain ones at
-        this batch size and mode (False until both kinds have ``MIN_SAMPLES`` steps)."""
+    def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
+        """Whether to decline speculation at this batch size and mode: its steps measured
+        fewer tokens per second than plain ones, or plain steps were never measured here
+        (explore them). False until speculative steps have ``MIN_SAMPLES`` samples."""
         speculative = self._median(batch_size, all_sampled, True)
         plain = self._median(batch_size, all_sampled, False)
-        return speculative is not None and plain is not None and speculative < plain
+        return speculative is not None and (plain is None or speculative < plain)
 
     def summary(self) -> dict[str, float]:
         """Median rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
