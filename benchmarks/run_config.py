@@ -35,8 +35,11 @@ def main() -> None:
     from vllm_cast.prompts import load_prompts
 
     spec = json.loads(args.spec)
+    # Prefix caching off: every cell repeats the same prompts, and vLLM's EAGLE path recomputes
+    # the last cached block of each prompt (its drafter needs those hidden states), so cache
+    # hits on the repeats would favour vanilla by up to a block per request in every cell.
     llm = LLM(model=args.target, speculative_config=spec, dtype=args.dtype, enforce_eager=True, max_model_len=4096,
-              seed=0, disable_log_stats=False, max_num_seqs=args.max_batch)
+              seed=0, disable_log_stats=False, max_num_seqs=args.max_batch, enable_prefix_caching=False)
     is_cast = bool(spec) and spec.get("method") == "cast"
 
     def run(task: str, temperature: float, batch: int) -> tuple[float, int]:

@@ -54,6 +54,10 @@ class CastRunnerMixin:
         self._plain: list[bool] = []
         self._sampled = torch.zeros(0, dtype=torch.bool)
         self._flags_by_request: dict[str, tuple[bool, bool]] = {}
+        self._undrafted: set[str] = set()
+        """Requests whose prompt the draft never saw (dropped while speculation was hopeless,
+        too long to keep): they are never given drafts nor feed the calibrator."""
+        self._undrafted_total = 0
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
@@ -75,6 +79,7 @@ class CastRunnerMixin:
     def cast_summary(self) -> dict[str, float]:
         """CAST's decision statistics plus the steps the draft model was skipped."""
         return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps,
+                "undrafted_prompt_chunks": self._undrafted_total,
                 **self.drafter.overheads.summary(), **self.drafter.throughput.summary()}
 
     def cast_prepare_costs(self) -> None:
@@ -137,6 +142,8 @@ class CastRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
+        if self._undrafted:
+            self._undrafted.intersection_update(self._flags_by_request)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
 
@@ -198,7 +205,7 @@ class CastRunnerMixin:
         drafted_row = {req_id: row for row, req_id in enumerate(drafted_ids)}
         current_ids = self.input_batch.req_ids[: len(self._verdicts.tokens)]
         rows = [(index, drafted_row[req_id]) for index, req_id in enumerate(current_ids)
-                if req_id in drafted_row and not self.discard_request_mask.np[index]]
+                if req_id in drafted_row and req_id not in self._undrafted and not self.discard_request_mask.np[index]]
         if not rows:
             return
         now, before = (np.array(column) for column in zip(*rows))
@@ -281,7 +288,8 @@ class CastRunnerMixin:
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
-        self.drafter.draftable = self._plain
+        self.drafter.draftable = [plain and req_id not in self._undrafted
+                                  for plain, req_id in zip(self._plain, req_ids)]
         self.drafter.sampled_rows = self._sampled
         self.drafter.batch_req_ids = req_ids
         started = time.perf_counter()
@@ -301,18 +309,32 @@ class CastRunnerMixin:
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
         """While dormant (see vllm_cast.dormancy) or while no chain could pay for itself
         (``speculation_hopeless``), and nothing was drafted this step: keep the rows the
-        drafter would read and skip all of vLLM's and CAST's drafting work."""
+        drafter would read and skip all of vLLM's and CAST's drafting work. When hopeless
+        and the rows are too many to keep, prompt chunks are dropped instead of drafted:
+        their requests become undrafted (they never speculate)."""
         drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
         total = scheduler_output.total_num_scheduled_tokens
         if drafted or aux_hidden_states is None:
             return False
         hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
                                                      bool(self._sampled.all()))
-        if not self.drafter.dormancy.should_skip(total, hopeless):
+        starts = self.query_start_loc.np[: len(req_ids) + 1]
+        tokens, positions = self.input_ids.gpu[:total], self.positions[:total]
+        hidden = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
+        if hopeless and not self.drafter.dormancy.fits(total):
+            prompt_chunk = np.diff(starts) > 1
+            self._undrafted.update(req_ids[i] for i in np.flatnonzero(prompt_chunk))
+            self._undrafted_total += int(prompt_chunk.sum())
+            kept = np.flatnonzero(~prompt_chunk)
+            rows = torch.from_numpy(np.concatenate([np.zeros(0, dtype=np.int64)]
+                                                   + [np.arange(starts[i], starts[i + 1]) for i in kept]))
+            rows = rows.to(tokens.device)
+            tokens, positions, hidden = tokens[rows], positions[rows], hidden[rows]
+            req_ids = [req_ids[i] for i in kept]
+            starts = np.concatenate([[0], np.cumsum(np.diff(starts)[kept])])
+        if not self.drafter.dormancy.should_skip(tokens.numel(), hopeless):
             return False
-        self.drafter.dormancy.remember(req_ids, self.input_ids.gpu[:total], self.positions[:total],
-                                       torch.cat([h[:total] for h in aux_hidden_states], dim=-1),
-                                       self.query_start_loc.np[: len(req_ids) + 1].tolist())
+        self.drafter.dormancy.remember(req_ids, tokens, positions, hidden, starts.tolist())
         self.drafter.skipped_steps += 1
         return True
 
