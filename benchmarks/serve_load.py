@@ -61,10 +61,12 @@ def main() -> None:
     configs = {"vanilla": None, "eagle3_chain_k2": {"method": "eagle3", "model": draft, "num_speculative_tokens": 2},
                "cast": {"method": "cast", "model": draft, "num_speculative_tokens": 16}}
     rows = []
+    # Prefix caching off, as in benchmarks.speedup: each concurrency level resends the same
+    # prompts, and cache hits would favour vanilla (EAGLE recomputes the last cached block).
     with tempfile.TemporaryDirectory() as logs:
         for name, spec in tqdm(configs.items(), desc="servers", unit="server"):
             with served(target, spec, Path(logs) / f"{name}.log",
-                        extra_args=("--max-num-seqs", str(max(args.concurrency)))) as url:
+                        extra_args=("--max-num-seqs", str(max(args.concurrency)), "--no-enable-prefix-caching")) as url:
                 timed_stream(url, target, prompts[0], 4)  # warm-up
                 rows += [{"config": name, **load(url, target, prompts, args.max_tokens, c)} for c in args.concurrency]
     vanilla = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
