@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from vllm_cast.throughput import MIN_SAMPLES, MeasuredThroughput
+from vllm_cast.step_overheads import MIN_SAMPLES
+from vllm_cast.throughput import MeasuredThroughput
 
 
 def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, tokens: int, seconds: float,

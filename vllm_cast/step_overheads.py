@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections import deque
+from collections.abc import Hashable
 
 from vllm_cast.cost_model import StepCosts
 
@@ -36,29 +37,44 @@ def batch_bucket(batch_size: int) -> int:
     return max(batch_size - 1, 0).bit_length()
 
 
+class RecentMedians:
+    """Per key, the last ``WINDOW`` samples and their median: the robust running estimate
+    kept per batch-size bucket here and by vllm_cast.throughput."""
+
+    def __init__(self) -> None:
+        self.samples: dict[Hashable, deque[float]] = {}
+
+    def add(self, key: Hashable, sample: float) -> None:
+        self.samples.setdefault(key, deque(maxlen=WINDOW)).append(sample)
+
+    def median(self, key: Hashable, min_samples: int = MIN_SAMPLES) -> float | None:
+        """Median of ``key``'s recent samples, or None while it has fewer than ``min_samples``."""
+        recent = self.samples.get(key)
+        return statistics.median(recent) if recent and len(recent) >= min_samples else None
+
+    def keys(self) -> list:
+        return sorted(self.samples)
+
+
 class StepOverheads:
     """Unpriced seconds per step (plain) and per draft pass, by batch-size bucket."""
 
     def __init__(self) -> None:
-        self.plain: dict[int, deque[float]] = {}
-        self.per_pass: dict[int, deque[float]] = {}
+        self.plain = RecentMedians()
+        self.per_pass = RecentMedians()
 
     @staticmethod
-    def _median(samples: dict[int, deque[float]], bucket: int) -> float:
-        recent = samples.get(bucket)
-        return statistics.median(recent) if recent and len(recent) >= MIN_SAMPLES else 0.0
-
-    @staticmethod
-    def _add(samples: dict[int, deque[float]], batch_size: int, sample: float) -> None:
-        samples.setdefault(batch_bucket(batch_size), deque(maxlen=WINDOW)).append(sample)
+    def _median(samples: RecentMedians, bucket: int) -> float:
+        median = samples.median(bucket)
+        return 0.0 if median is None else median
 
     def record_plain(self, batch_size: int, measured: float, predicted: float) -> None:
         """A decode step outside its drafting call, against its target forward (seconds)."""
-        self._add(self.plain, batch_size, measured - predicted)
+        self.plain.add(batch_bucket(batch_size), measured - predicted)
 
     def record_drafting(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:
         """One drafting call of ``passes`` draft forwards (seconds)."""
-        self._add(self.per_pass, batch_size, (measured - predicted) / max(passes, 1))
+        self.per_pass.add(batch_bucket(batch_size), (measured - predicted) / max(passes, 1))
 
     def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
@@ -78,5 +94,5 @@ class StepOverheads:
 
     def summary(self) -> dict[str, float]:
         """Current medians in milliseconds, keyed ``plain_ms_b<bucket>`` / ``per_pass_ms_b<bucket>``."""
-        return {**{f"plain_ms_b{b}": 1e3 * self._median(self.plain, b) for b in sorted(self.plain)},
-                **{f"per_pass_ms_b{b}": 1e3 * self._median(self.per_pass, b) for b in sorted(self.per_pass)}}
+        return {**{f"plain_ms_b{b}": 1e3 * self._median(self.plain, b) for b in self.plain.keys()},
+                **{f"per_pass_ms_b{b}": 1e3 * self._median(self.per_pass, b) for b in self.per_pass.keys()}}
