@@ -236,13 +236,14 @@ class CastProposer(EagleProposer):
         parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0)
         plan = None
         if not (drafted.chain and width == 1):
+            previous = drafted.ancestor_rows(batch)
             rows = torch.zeros(batch, width, before + width, dtype=torch.bool)
             if drafted.offset >= 0:
-                rows[:, :, :before] = torch.gather(drafted.ancestor_rows(batch), 1,
+                rows[:, :, :before] = torch.gather(previous, 1,
                                                    (drafted.offset + parent_slot)[:, :, None].expand(-1, -1, before))
             rows[:, torch.arange(width), before + torch.arange(width)] = True
             grown = torch.zeros(batch, before + width, before + width, dtype=torch.bool)
-            grown[:, :before, :before] = drafted.ancestor_rows(batch)
+            grown[:, :before, :before] = previous
             grown[:, before:] = rows
             drafted.ancestors = grown
         drafted.count = before + width

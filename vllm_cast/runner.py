@@ -319,8 +319,8 @@ class CastRunnerMixin:
         hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
                                                      bool(self._sampled.all()))
         starts = self.query_start_loc.np[: len(req_ids) + 1]
-        tokens, positions = self.input_ids.gpu[:total], self.positions[:total]
-        hidden = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
+        rows: slice | torch.Tensor = slice(0, total)
+        kept_rows = total
         if hopeless and not self.drafter.dormancy.fits(total):
             prompt_chunk = np.diff(starts) > 1
             self._undrafted.update(req_ids[i] for i in np.flatnonzero(prompt_chunk))
@@ -328,13 +328,16 @@ class CastRunnerMixin:
             kept = np.flatnonzero(~prompt_chunk)
             rows = torch.from_numpy(np.concatenate([np.zeros(0, dtype=np.int64)]
                                                    + [np.arange(starts[i], starts[i + 1]) for i in kept]))
-            rows = rows.to(tokens.device)
-            tokens, positions, hidden = tokens[rows], positions[rows], hidden[rows]
+            kept_rows = rows.numel()
             req_ids = [req_ids[i] for i in kept]
             starts = np.concatenate([[0], np.cumsum(np.diff(starts)[kept])])
-        if not self.drafter.dormancy.should_skip(tokens.numel(), hopeless):
+        if not self.drafter.dormancy.should_skip(kept_rows, hopeless):
             return False
-        self.drafter.dormancy.remember(req_ids, tokens, positions, hidden, starts.tolist())
+        tokens, positions = self.input_ids.gpu[:total], self.positions[:total]
+        hidden = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(tokens.device)
+        self.drafter.dormancy.remember(req_ids, tokens[rows], positions[rows], hidden[rows], starts.tolist())
         self.drafter.skipped_steps += 1
         return True
 

@@ -202,11 +202,12 @@ class CastTreeBuilder:
             counts = np.full(b, count)
         return np.minimum(counts, (values > 0).sum(1))
 
-    def _sorted_pool(self) -> tuple[np.ndarray, np.ndarray]:
-        """Pool values sorted descending per row ``[B, P]`` and their pool positions (0-based)."""
+    def _sorted_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pool values ``[B, P]`` in pool order, sorted descending per row, and the sorted
+        ones' pool positions (0-based)."""
         values = np.concatenate(self.pool_values, axis=1)
         order = _descending(values)
-        return _gather(values, order), order
+        return values, _gather(values, order), order
 
     def _expansion_values(self, values: np.ndarray) -> np.ndarray:
         """Values ``[B, C]`` of the newest layer as breadth/depth pruning counts them: all
@@ -214,7 +215,7 @@ class CastTreeBuilder:
         ("verified"; the rest count 0)."""
         if self.params.expansion_utility == "layer":
             return values
-        pool, order = self._sorted_pool()
+        _, pool, order = self._sorted_pool()
         counts = self._verify_counts(pool, order)
         cut = _gather(pool, np.maximum(counts - 1, 0)[:, None])
         return np.where((values >= cut) & (counts[:, None] > 0), values, 0.0)
@@ -246,8 +247,7 @@ class CastTreeBuilder:
         tokens = np.concatenate(self.pool_tokens, axis=1)
         parents = np.concatenate(self.pool_parents, axis=1)
         draft_probs = np.concatenate(self.pool_draft_probs, axis=1)
-        sorted_values, order = self._sorted_pool()
-        values = np.concatenate(self.pool_values, axis=1)
+        values, sorted_values, order = self._sorted_pool()
         counts = self._verify_counts(sorted_values, order)
         if max_nodes_per_request is not None:
             counts = np.minimum(counts, np.maximum(np.asarray(max_nodes_per_request), 0))
