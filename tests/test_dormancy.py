@@ -98,5 +98,5 @@ def test_prompts_too_long_to_keep_are_not_drafted_while_hopeless(vanilla_llm, de
     before = cast_stats(default_cast_llm)
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
     after = cast_stats(default_cast_llm)
-    assert after["undrafted_prompt_chunks"] > before["undrafted_prompt_chunks"]
+    assert after["undrafted_requests"] > before["undrafted_requests"]
     assert after["verified_drafts"] == before["verified_drafts"], "an undrafted request was given drafts"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vllm_cast.step_overheads import MIN_SAMPLES
-from vllm_cast.throughput import MeasuredThroughput
+from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, MeasuredThroughput
 
 
 def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, tokens: int, seconds: float,
@@ -33,3 +33,18 @@ def test_faster_speculation_is_kept_and_recent_steps_decide():
     _record(throughput, 1, speculative=True, tokens=1, seconds=0.008, steps=16)  # recent steps: 125 tokens/s
     assert throughput.should_decline(1, False)
     assert throughput.summary()["spec_tps_b0"] == 125.0
+
+
+def test_measured_slower_speculation_holds_until_its_samples_are_stale():
+    throughput = MeasuredThroughput()
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010)  # 600 tokens/s
+    assert not throughput.measured_slower(4, False), "plain decoding not measured yet"
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005)  # 800 tokens/s
+    assert throughput.measured_slower(4, False)
+    assert not throughput.measured_slower(4, True), "sampled verification is judged on its own"
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS - MIN_SAMPLES - 1)
+    assert throughput.measured_slower(4, False)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=1)
+    assert not throughput.measured_slower(4, False), "speculative samples this old no longer count"
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
+    assert throughput.measured_slower(4, False), "a fresh speculative step restores the verdict"

@@ -72,31 +72,39 @@ class DraftDormancy:
         self.steps_left = max(self.steps_left - 1, 0) if skip else 0
         return skip
 
+    def forget(self) -> None:
+        """Drop every remembered row (their requests will not be drafted again)."""
+        self.stash, self.recent_steps, self.stashed_rows = {}, [], 0
+
     def remember(self, req_ids: list[str], tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
                  query_start_loc: list[int]) -> None:
-        """Keep this step's rows (tokens/positions ``[T]``, hidden ``[T, A]``)."""
+        """Keep this step's rows (tokens/positions ``[T]``, hidden ``[T, A]``; kept as given,
+        so the caller passes copies)."""
         if self.recent_steps and req_ids != self.recent_steps[-1].req_ids:
             self.remembered(req_ids)
-        self.recent_steps.append(_StepRows(list(req_ids), list(query_start_loc),
-                                           _Rows(tokens.clone(), positions.clone(), hidden.clone())))
+        self.recent_steps.append(_StepRows(list(req_ids), query_start_loc, _Rows(tokens, positions, hidden)))
         self.stashed_rows += tokens.numel()
 
     def remembered(self, req_ids: list[str]) -> dict[str, _Rows]:
         """Each of ``req_ids``' remembered rows, in position order. Rows that do not continue
         a request's earlier ones (it was preempted and recomputed) replace them; requests
         not in ``req_ids`` (finished, preempted) are forgotten."""
-        stash = self.stash
+        wanted = set(req_ids)
+        pieces = {req_id: [rows] for req_id, rows in self.stash.items() if req_id in wanted}
         for step in self.recent_steps:
             for index, req_id in enumerate(step.req_ids):
+                if req_id not in wanted:
+                    continue
                 rows = slice(step.query_start_loc[index], step.query_start_loc[index + 1])
                 new = _Rows(step.rows.tokens[rows], step.rows.positions[rows], step.rows.hidden[rows])
-                old = stash.get(req_id)
-                if old is not None and int(old.positions[-1]) + 1 == int(new.positions[0]):
-                    new = _Rows(torch.cat([old.tokens, new.tokens]), torch.cat([old.positions, new.positions]),
-                                torch.cat([old.hidden, new.hidden]))
-                stash[req_id] = new
-        wanted = set(req_ids)
-        self.stash = {req_id: rows for req_id, rows in stash.items() if req_id in wanted}
+                earlier = pieces.get(req_id)
+                if earlier is not None and int(earlier[-1].positions[-1]) + 1 == int(new.positions[0]):
+                    earlier.append(new)
+                else:
+                    pieces[req_id] = [new]
+        self.stash = {req_id: chain[0] if len(chain) == 1 else _Rows(
+            *(torch.cat([getattr(p, name) for p in chain]) for name in ("tokens", "positions", "hidden")))
+            for req_id, chain in pieces.items()}
         self.recent_steps = []
         self.stashed_rows = sum(rows.tokens.numel() for rows in self.stash.values())
         return self.stash

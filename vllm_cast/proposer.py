@@ -92,7 +92,8 @@ class CastProposer(EagleProposer):
         self._speculated_last_call = False
         """Whether the previous proposal kept a tree (else this one probes: it may speculate
         even while speculation measures slower, which keeps those measurements fresh)."""
-        self._hopeless_memo: dict[tuple[int, int, bool], tuple[bool, int]] = {}
+        self._hopeless_memo: dict[tuple[int, int, bool], bool] = {}
+        self._hopeless_calls = 0
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
@@ -177,24 +178,28 @@ class CastProposer(EagleProposer):
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: with the learned
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
-        tokens never pay for ``d`` draft passes plus verifying ``d`` tokens. Then CAST stays
-        dormant without probing (the draft model does not run at all). The verdict is reused
-        for ``PROBE_INTERVAL_STEPS`` calls at the same batch size and context bucket."""
-        key = (batch_size, round(context / CONTEXT_BUCKET), all_sampled)
-        cached = self._hopeless_memo.get(key)
-        if cached is not None and cached[1] > 0:
-            self._hopeless_memo[key] = (cached[0], cached[1] - 1)
-            return cached[0]
-        verdict = self._no_chain_can_pay(batch_size, context, all_sampled)
-        if len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
+        tokens never pay for ``d`` draft passes plus verifying ``d`` tokens, or speculating
+        measured slower than plain decoding here. Then CAST stays dormant without probing
+        (the draft model does not run at all). Verdicts are memoised per batch size,
+        context bucket and mode, and all forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
+        self._hopeless_calls += 1
+        if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
             self._hopeless_memo.clear()
-        self._hopeless_memo[key] = (verdict, PROBE_INTERVAL_STEPS)
-        return verdict
+        key = (batch_size, round(context / CONTEXT_BUCKET), all_sampled)
+        if key not in self._hopeless_memo:
+            self._hopeless_memo[key] = self._no_chain_can_pay(batch_size, context, all_sampled)
+        return self._hopeless_memo[key]
 
     def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
-        """:meth:`speculation_hopeless`, computed afresh (greedy rate unless every request samples)."""
+        """:meth:`speculation_hopeless`, computed afresh (greedy rate unless every request
+        samples); also hopeless while speculating measured slower than plain decoding at this
+        batch size (vllm_cast.throughput)."""
+        if self.cost_source is None or not self.cast_params.decline_unprofitable:
+            return False
+        if self.throughput.measured_slower(batch_size, all_sampled):
+            return True
         rate = self.calibrator.first_rank_rate(sampled=all_sampled)
-        if rate is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
+        if rate is None:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
         return pricing.no_chain_can_pay(costs, rate, min(self.cast_params.max_depth, self.max_nodes))

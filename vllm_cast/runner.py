@@ -53,10 +53,11 @@ class CastRunnerMixin:
         self._step_trees: list[FlatTree | None] = []
         self._plain: list[bool] = []
         self._sampled = torch.zeros(0, dtype=torch.bool)
+        self._all_sampled = False
         self._flags_by_request: dict[str, tuple[bool, bool]] = {}
         self._undrafted: set[str] = set()
-        """Requests whose prompt the draft never saw (dropped while speculation was hopeless,
-        too long to keep): they are never given drafts nor feed the calibrator."""
+        """Requests whose rows the draft stopped seeing (dropped while speculation was
+        hopeless, too many to keep): they are never given drafts nor feed the calibrator."""
         self._undrafted_total = 0
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
@@ -79,7 +80,7 @@ class CastRunnerMixin:
     def cast_summary(self) -> dict[str, float]:
         """CAST's decision statistics plus the steps the draft model was skipped."""
         return {**self.cast_stats.summary(), "dormant_steps": self.drafter.skipped_steps,
-                "undrafted_prompt_chunks": self._undrafted_total,
+                "undrafted_requests": self._undrafted_total,
                 **self.drafter.overheads.summary(), **self.drafter.throughput.summary()}
 
     def cast_prepare_costs(self) -> None:
@@ -131,7 +132,7 @@ class CastRunnerMixin:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds,
                                                    decision.draft_passes)
         if self._verified_drafts == (decision is not None):  # a speculating step, or a plain one
-            self.drafter.throughput.record(batch, bool(self._sampled.all()), self._verified_drafts,
+            self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts,
                                            self._emitted_tokens, measured)
 
     def _mean_context(self, batch: int) -> float:
@@ -142,6 +143,7 @@ class CastRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
+        self._all_sampled = bool(self._sampled.all())
         if self._undrafted:
             self._undrafted.intersection_update(self._flags_by_request)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
@@ -231,6 +233,9 @@ class CastRunnerMixin:
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
         verify by sampling (``[B]`` bool; else greedy)? Memoised per request id."""
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        if list(self._flags_by_request) == req_ids:
+            return self._plain, self._sampled  # same batch as last step
         known = self._flags_by_request
 
         def flags(params) -> tuple[bool, bool]:
@@ -238,7 +243,7 @@ class CastRunnerMixin:
 
         self._flags_by_request = {
             req_id: known[req_id] if req_id in known else flags(self.requests[req_id].sampling_params)
-            for req_id in self.input_batch.req_ids[: self.input_batch.num_reqs]}
+            for req_id in req_ids}
         values = list(self._flags_by_request.values())
         return [plain for plain, _ in values], torch.tensor([sampled for _, sampled in values], dtype=torch.bool)
 
@@ -310,36 +315,48 @@ class CastRunnerMixin:
         """While dormant (see vllm_cast.dormancy) or while no chain could pay for itself
         (``speculation_hopeless``), and nothing was drafted this step: keep the rows the
         drafter would read and skip all of vLLM's and CAST's drafting work. When hopeless
-        and the rows are too many to keep, prompt chunks are dropped instead of drafted:
-        their requests become undrafted (they never speculate)."""
+        and the rows are too many to keep, prompt chunks are dropped instead of drafted, and
+        if the rest still does not fit, every request's rows: those requests become
+        undrafted (they never speculate and their rows are not kept). A step whose requests
+        are all undrafted always skips."""
         drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
-        total = scheduler_output.total_num_scheduled_tokens
         if drafted or aux_hidden_states is None:
             return False
-        hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
-                                                     bool(self._sampled.all()))
+        dormancy = self.drafter.dormancy
         starts = self.query_start_loc.np[: len(req_ids) + 1]
-        rows: slice | torch.Tensor = slice(0, total)
-        kept_rows = total
-        if hopeless and not self.drafter.dormancy.fits(total):
-            prompt_chunk = np.diff(starts) > 1
-            self._undrafted.update(req_ids[i] for i in np.flatnonzero(prompt_chunk))
-            self._undrafted_total += int(prompt_chunk.sum())
-            kept = np.flatnonzero(~prompt_chunk)
-            rows = torch.from_numpy(np.concatenate([np.zeros(0, dtype=np.int64)]
-                                                   + [np.arange(starts[i], starts[i + 1]) for i in kept]))
-            kept_rows = rows.numel()
-            req_ids = [req_ids[i] for i in kept]
-            starts = np.concatenate([[0], np.cumsum(np.diff(starts)[kept])])
-        if not self.drafter.dormancy.should_skip(kept_rows, hopeless):
-            return False
-        tokens, positions = self.input_ids.gpu[:total], self.positions[:total]
-        hidden = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(tokens.device)
-        self.drafter.dormancy.remember(req_ids, tokens[rows], positions[rows], hidden[rows], starts.tolist())
+        lengths = starts[1:] - starts[:-1]
+        undrafted = self._undrafted
+        keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
+        if keep.any():
+            hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
+                                                         self._all_sampled)
+            if hopeless and not dormancy.fits(int(lengths[keep].sum())):
+                self._undraft(req_ids, keep & (lengths > 1))
+                keep &= lengths == 1
+                if not dormancy.fits(int(lengths[keep].sum())):
+                    self._undraft(req_ids, keep)
+                    keep[:] = False
+                    dormancy.forget()
+            if keep.any() and not dormancy.should_skip(int(lengths[keep].sum()), hopeless):
+                return False
+        if keep.all():
+            total = scheduler_output.total_num_scheduled_tokens
+            dormancy.remember(req_ids, self.input_ids.gpu[:total].clone(), self.positions[:total].clone(),
+                              torch.cat([h[:total] for h in aux_hidden_states], dim=-1), starts.tolist())
+        elif keep.any():
+            kept = np.flatnonzero(keep)
+            rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in kept]))
+            rows = rows.to(self.input_ids.gpu.device)
+            dormancy.remember([req_ids[i] for i in kept], self.input_ids.gpu[rows], self.positions[rows],
+                              torch.cat([h[rows] for h in aux_hidden_states], dim=-1),
+                              np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())
         self.drafter.skipped_steps += 1
         return True
+
+    def _undraft(self, req_ids: list[str], rows: np.ndarray) -> None:
+        """Requests at ``rows`` (bool ``[B]``) stop being drafted for good (see _skip_drafting)."""
+        self._undrafted.update(req_ids[i] for i in np.flatnonzero(rows))
+        self._undrafted_total += int(rows.sum())
 
     def _chain_accepted_rows(self, hidden_states: torch.Tensor, aux_hidden_states: list[torch.Tensor] | None,
                              spec_decode_metadata: SpecDecodeMetadata | None) -> None:

@@ -10,11 +10,22 @@ verification mode (greedy / all sampled) the medians of the recent samples are
 compared; while speculating measures slower than plain decoding, the proposer declines its
 trees and stays dormant (probing on the dormancy back-off, which keeps the speculative
 samples fresh). When only speculating steps have been measured at a batch size, it also
-declines once they are enough: the dormant stretch that follows measures plain decoding."""
+declines once they are enough: the dormant stretch that follows measures plain decoding.
+
+Once both kinds are measured and speculating is slower, the proposer treats speculation
+as hopeless at that batch size (the draft model stops running, no probes): the verdict
+holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
+one, after which the old speculative samples no longer count and probes re-measure."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from vllm_cast.step_overheads import RecentMedians, batch_bucket
+
+STALE_AFTER_PLAIN_STEPS = 512
+"""Plain steps after which a bucket's speculative samples are too old to keep CAST from
+drafting there (the workload may have changed: other prompts, other acceptance)."""
 
 
 class MeasuredThroughput:
@@ -24,11 +35,15 @@ class MeasuredThroughput:
 
     def __init__(self) -> None:
         self.rates = RecentMedians()
+        self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
 
     def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> None:
         """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``."""
-        if seconds > 0:
-            self.rates.add((batch_bucket(batch_size), all_sampled, speculative), tokens / seconds)
+        if seconds <= 0:
+            return
+        key = (batch_bucket(batch_size), all_sampled)
+        self.rates.add((*key, speculative), tokens / seconds)
+        self.plain_steps_since_speculative[key] = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
 
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether to decline speculation at this batch size and mode: its steps measured
@@ -39,6 +54,15 @@ class MeasuredThroughput:
         speculative = self.rates.median((bucket, all_sampled, True))
         plain = self.rates.median((bucket, all_sampled, False))
         return speculative is not None and (plain is None or speculative < plain)
+
+    def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
+        """Whether both kinds are measured at this batch size and mode, speculating slower,
+        with speculative samples younger than ``STALE_AFTER_PLAIN_STEPS`` plain steps."""
+        bucket = batch_bucket(batch_size)
+        speculative = self.rates.median((bucket, all_sampled, True))
+        plain = self.rates.median((bucket, all_sampled, False))
+        fresh = self.plain_steps_since_speculative[(bucket, all_sampled)] < STALE_AFTER_PLAIN_STEPS
+        return speculative is not None and plain is not None and speculative < plain and fresh
 
     def summary(self) -> dict[str, float]:
         """Median rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
