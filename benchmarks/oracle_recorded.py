@@ -19,6 +19,7 @@ from typing import ClassVar
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import numpy as np
 import torch
 
 from vllm_cast import proposer
@@ -34,9 +35,11 @@ RECORDING = {"node_top_k": TOP_K, "max_depth": LAYERS, "breadth_threshold": 1e-9
 
 
 class RecordingTreeBuilder(CastTreeBuilder):
-    """Keeps ``path -> draft distribution [V]`` for every path it expands (request 0)."""
+    """Keeps ``path -> draft distribution [V]`` for every path it expands (request 0): the
+    top-K the proposer hands over, zero elsewhere (all the oracle reads of it)."""
 
     recorded: ClassVar[list[dict[tuple[int, ...], torch.Tensor]]] = []
+    vocab_size: ClassVar[int] = 0
 
     def _follow(self, frontier: Frontier | None) -> Frontier | None:
         if frontier is not None:
@@ -44,14 +47,21 @@ class RecordingTreeBuilder(CastTreeBuilder):
                            for t, s in zip(frontier.tokens[0].tolist(), frontier.parent_slot[0].tolist())]
         return frontier
 
-    def start(self, root_probs: torch.Tensor) -> Frontier | None:
-        self._paths: list[tuple[int, ...]] = []
-        self._record = {(): root_probs[0].clone()}
-        return self._follow(super().start(root_probs))
+    @classmethod
+    def _distribution(cls, probs: np.ndarray, tokens: np.ndarray) -> torch.Tensor:
+        """Sparse distribution ``[V]`` holding one node's top-K probabilities."""
+        distribution = torch.zeros(cls.vocab_size, dtype=torch.float64)
+        distribution[torch.from_numpy(tokens)] = torch.from_numpy(probs)
+        return distribution
 
-    def expand(self, child_probs: torch.Tensor) -> Frontier | None:
-        self._record.update({path: child_probs[0, w].clone() for w, path in enumerate(self._paths)})
-        return self._follow(super().expand(child_probs))
+    def start_top(self, probs: np.ndarray, tokens: np.ndarray) -> Frontier | None:
+        self._paths: list[tuple[int, ...]] = []
+        self._record = {(): self._distribution(probs[0], tokens[0])}
+        return self._follow(super().start_top(probs, tokens))
+
+    def expand_top(self, probs: np.ndarray, tokens: np.ndarray) -> Frontier | None:
+        self._record.update({path: self._distribution(probs[0, w], tokens[0, w]) for w, path in enumerate(self._paths)})
+        return self._follow(super().expand_top(probs, tokens))
 
     def finish(self, *args, **kwargs):
         RecordingTreeBuilder.recorded.append(self._record)
@@ -68,6 +78,7 @@ def record(steps: int) -> tuple[list[dict], StepCosts]:
 
     fixture = build_fixture("ci")
     proposer.CastTreeBuilder = RecordingTreeBuilder
+    RecordingTreeBuilder.vocab_size = json.loads((fixture / "target" / "config.json").read_text())["vocab_size"]
     llm = LLM(model=str(fixture / "target"), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
               speculative_config={"method": "cast", "model": str(fixture / "eagle3"), **RECORDING})
     prompts = [load_prompts(task, limit=2)[1] for task in TASKS]

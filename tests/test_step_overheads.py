@@ -26,17 +26,21 @@ def test_overheads_apply_after_enough_samples_as_a_robust_median():
     costs = _costs(0.05)
     for sample in range(MIN_SAMPLES - 1):
         overheads.record_plain(4, measured=1.5, predicted=1.0)
-        overheads.record_drafting(4, measured=2.0, predicted=1.0, passes=2)
+        overheads.record_drafting(4, measured=2.0, predicted_first_pass=0.4, measured_layers=1.2,
+                                  predicted_layers=0.6, layers=2)
     assert overheads.adjust(4, costs) is costs, "too few samples: no overhead yet"
     overheads.record_plain(4, measured=1.5, predicted=1.0)
     overheads.record_plain(4, measured=50.0, predicted=1.0)  # one stalled step
     for _ in range(2):
-        overheads.record_drafting(4, measured=2.0, predicted=1.0, passes=2)
+        overheads.record_drafting(4, measured=2.0, predicted_first_pass=0.4, measured_layers=1.2,
+                                  predicted_layers=0.6, layers=2)
     adjusted = overheads.adjust(4, costs)
     assert torch.allclose(adjusted.target[1:], costs.target[1:] + 0.5)
     assert torch.allclose(adjusted.chain_target[1:], costs.chain_target[1:] + 0.5)
     assert adjusted.target[0] == 0 and adjusted.draft[0] == 0
-    assert abs(float(adjusted.draft[1] - costs.draft[1]) - 0.5) < 1e-9, "per pass: (2.0 - 1.0) / 2"
+    assert abs(float(adjusted.draft[1] - costs.draft[1]) - 0.3) < 1e-9, "per layer: (1.2 - 0.6) / 2"
+    first_pass = float(adjusted.causal_draft_curve()[1] - costs.causal_draft_curve()[1])
+    assert abs(first_pass - 0.4) < 1e-9, "first pass: 2.0 - 1.2 (the layers) - 0.4 (predicted)"
     assert overheads.adjust(16, costs) is costs, "other batch sizes are not affected"
 
 

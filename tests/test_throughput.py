@@ -45,6 +45,8 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS - MIN_SAMPLES - 1)
     assert throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=1)
-    assert not throughput.measured_slower(4, False), "speculative samples this old no longer count"
+    assert not throughput.measured_slower(4, False), "speculative samples this old are dropped"
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=MIN_SAMPLES - 1)
+    assert not throughput.measured_slower(4, False), "speculation is measured afresh"
     _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
-    assert throughput.measured_slower(4, False), "a fresh speculative step restores the verdict"
+    assert throughput.measured_slower(4, False)

@@ -42,8 +42,11 @@ class CastParams:
 
     breadth_threshold: float = 4.0
     """C1: keep widening a layer while marginal utility / marginal draft cost > C1."""
-    depth_threshold: float = 3.0
-    """C2: draft another layer while alpha * u / c >= C2."""
+    depth_threshold: float | Literal["auto"] = "auto"
+    """C2: draft another layer while alpha * u / c >= C2. "auto": C2 is the step's expected
+    tokens per cost so far (1 + expected accepted tokens over first pass + drafted layers +
+    verification, in plain-step units), i.e. a layer is drafted while it raises the step's
+    tokens per second; 3.0 is the paper's GPU setting."""
     verify_threshold: float = 2.5
     """C3: verify another node while marginal utility / marginal target cost > C3."""
     node_top_k: int = 8
@@ -77,8 +80,11 @@ class CastParams:
             ("verify_threshold", 0.0, 1e6, False),
         ):
             value = getattr(self, name)
+            if name == "depth_threshold" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise CastConfigError(f"speculative_config key '{name}' must be a finite number, got {value!r}")
+                also = ' or "auto"' if name == "depth_threshold" else ""
+                raise CastConfigError(f"speculative_config key '{name}' must be a finite number{also}, got {value!r}")
             if value < low or value > high or (value == low and not allow_zero):
                 bound = ">=" if allow_zero else ">"
                 raise CastConfigError(f"speculative_config key '{name}' must be {bound} {low} and <= {high:g}, got {value}")

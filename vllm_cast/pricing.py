@@ -15,15 +15,22 @@ from vllm_cast.cost_model import StepCosts
 logger = logging.getLogger("vllm_cast")
 
 
-def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
-    """Seconds of a step's draft passes: the causal first pass over ``first_pass_rows`` rows
-    per request (the verified tokens, plus replayed ones after dormancy; linear beyond the
-    table) and one pass per tree layer of the given widths."""
+def first_pass_seconds(costs: StepCosts, rows: float) -> float:
+    """Seconds of the causal first pass over ``rows`` rows per request (the verified tokens,
+    plus replayed ones after dormancy; linear beyond the table)."""
     causal = costs.causal_draft_curve()
     widest = causal.numel() - 1
-    first = min(max(round(first_pass_rows), 1), widest)
-    first_seconds = causal[first] * max(first_pass_rows / widest, 1.0)
-    return float(first_seconds + sum(costs.draft[w] for w in forwarded_widths))
+    return float(causal[min(max(round(rows), 1), widest)] * max(rows / widest, 1.0))
+
+
+def layer_seconds(costs: StepCosts, forwarded_widths: list[int]) -> float:
+    """Seconds of one draft pass per tree layer of the given widths."""
+    return float(sum(costs.draft[w] for w in forwarded_widths))
+
+
+def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
+    """Seconds of a step's draft passes: the first pass and the tree layers."""
+    return first_pass_seconds(costs, first_pass_rows) + layer_seconds(costs, forwarded_widths)
 
 
 def verify_seconds(costs: StepCosts, verified: int, chains: bool) -> float:
@@ -49,11 +56,12 @@ def beats_plain_decoding(costs: StepCosts, forwarded_widths: list[int], expected
 def no_chain_can_pay(costs: StepCosts, acceptance_rate: float, max_depth: int) -> bool:
     """Whether no chain of depth 1..``max_depth`` whose nodes are each accepted with
     ``acceptance_rate`` beats plain decoding: ``1 + a + ... + a^d`` tokens never pay for
-    ``d`` draft passes plus verifying ``d`` tokens causally."""
+    the first pass over them, ``d - 1`` chain layers and verifying ``d`` tokens causally."""
     chain = costs.verify_curve(chain=True)
     plain = float(costs.target[1])
     for depth in range(1, min(max_depth, chain.numel() - 2) + 1):
         expected = sum(acceptance_rate**i for i in range(depth + 1))
-        if expected * plain >= depth * float(costs.draft[1]) + float(chain[depth + 1]):
+        drafting = first_pass_seconds(costs, expected) + (depth - 1) * float(costs.draft[1])
+        if expected * plain >= drafting + float(chain[depth + 1]):
             return False
     return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -141,22 +142,27 @@ class CastProposer(EagleProposer):
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
                                   calibrate=functools.partial(self.calibrator, sampled=sampled.numpy())
-                                  if self.cast_params.acceptance_calibration else None)
-        frontier = builder.start(self._probs(normed))
+                                  if self.cast_params.acceptance_calibration else None,
+                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
+        frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         forwarded_widths = []
+        loop_started = time.perf_counter()
         while frontier is not None and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
             normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, cad,
                                                        depth=builder.decision.depth)
             drafted.offset = drafted.count - frontier.width
             drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
-            frontier = builder.expand(self._probs(normed).view(batch, frontier.width, -1))
+            probs, tokens = self._top_children(normed)
+            frontier = builder.expand_top(probs.reshape(batch, frontier.width, -1), tokens.reshape(batch, frontier.width, -1))
+        layer_seconds = time.perf_counter() - loop_started
         caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         decision = self.last_decision = builder.decision
         decision.draft_passes = 1 + len(forwarded_widths)
+        decision.measured_layer_seconds = layer_seconds
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
         measured_decline = self._speculated_last_call and self.throughput.should_decline(batch, bool(sampled.all()))
@@ -172,6 +178,7 @@ class CastProposer(EagleProposer):
         else:
             self.dormancy.enter()
         decision.predicted_draft_seconds = pricing.draft_seconds(table_costs, forwarded_widths, first_pass_rows)
+        decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, forwarded_widths)
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 
@@ -209,9 +216,20 @@ class CastProposer(EagleProposer):
         return (drafted.count + frontier.width <= self.max_nodes
                 and batch * frontier.width <= self.input_ids.shape[0])
 
-    def _probs(self, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """Draft distribution over the target vocabulary ``[n, V]`` from normed hidden ``[n, H]``."""
-        return self.model.compute_logits(normed_hidden).float().softmax(-1).cpu()
+    def _top_children(self, normed_hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K draft probabilities (float64) and target-vocabulary tokens (int64), ``[n, K]``
+        each, from normed hidden ``[n, H]``: the top-K of the draft vocabulary's logits,
+        normalised by their logsumexp. These are the probabilities of a softmax over the
+        target vocabulary (tokens outside the draft vocabulary have probability 0), without
+        scattering the logits into it."""
+        logits = self.model.logits_processor(self.model.lm_head, normed_hidden).float()
+        top = logits.topk(self.cast_params.node_top_k, dim=-1)
+        probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp()
+        tokens = top.indices
+        draft_to_target = self.model.draft_id_to_target_id
+        if draft_to_target is not None:
+            tokens = tokens + draft_to_target[tokens]
+        return probs.cpu().numpy().astype(np.float64), tokens.cpu().numpy()
 
     def _first_pass(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
                     token_indices_to_sample, cad: CommonAttentionMetadata, num_rejected_tokens_gpu):

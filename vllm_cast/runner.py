@@ -129,8 +129,9 @@ class CastRunnerMixin:
         drafting = 0.0 if decision is None else self._drafting_seconds
         self.drafter.overheads.record_plain(batch, measured - drafting, predicted_verify)
         if decision is not None and not decision.replayed:
-            self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds,
-                                                   decision.draft_passes)
+            layers = decision.predicted_layer_seconds
+            self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds - layers,
+                                                   decision.measured_layer_seconds, layers, decision.draft_passes - 1)
         if self._verified_drafts == (decision is not None):  # a speculating step, or a plain one
             self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts,
                                            self._emitted_tokens, measured)

@@ -8,13 +8,17 @@ this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samp
 
 - ``plain``: measured minus predicted seconds of a step outside its drafting call: the
   target forward (plain or verifying) with input preparation, sampling or tree acceptance;
-- ``per_pass``: of a drafting call (timed on its own, so verification and machine noise
-  in the rest of the step do not land on it), measured minus predicted seconds divided by
-  its draft passes (first pass + one per tree layer).
+- ``first_pass``: of a drafting call (timed on its own, so verification and machine noise
+  in the rest of the step do not land on it) outside its layer loop, measured minus
+  predicted seconds of its first pass: input preparation, attention metadata, the root's
+  top-K and tree decisions, the trees handed back (paid once per drafting call);
+- ``per_layer``: of the layer loop, measured minus predicted seconds per tree layer (its
+  attention metadata, top-K and builder step).
 
 :meth:`StepOverheads.adjust` adds them to a step's cost curves (``plain`` to every target
-forward, ``per_pass`` to every draft forward), so the builder's thresholds and the final
-"is this tree faster than plain decoding" check see what a step really costs here.
+forward, ``first_pass`` to the causal first-pass curve, ``per_layer`` to every tree-layer
+draft forward), so the builder's thresholds and the final "is this tree faster than plain
+decoding" check see what a step really costs here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import dataclasses
 import statistics
 from collections import deque
 from collections.abc import Hashable
+
+import torch
 
 from vllm_cast.cost_model import StepCosts
 
@@ -52,16 +58,22 @@ class RecentMedians:
         recent = self.samples.get(key)
         return statistics.median(recent) if recent and len(recent) >= min_samples else None
 
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``'s samples."""
+        self.samples.pop(key, None)
+
     def keys(self) -> list:
         return sorted(self.samples)
 
 
 class StepOverheads:
-    """Unpriced seconds per step (plain) and per draft pass, by batch-size bucket."""
+    """Unpriced seconds per step (plain), per drafting call (first pass) and per tree
+    layer, by batch-size bucket."""
 
     def __init__(self) -> None:
         self.plain = RecentMedians()
-        self.per_pass = RecentMedians()
+        self.first_pass = RecentMedians()
+        self.per_layer = RecentMedians()
 
     @staticmethod
     def _median(samples: RecentMedians, bucket: int) -> float:
@@ -72,27 +84,34 @@ class StepOverheads:
         """A decode step outside its drafting call, against its target forward (seconds)."""
         self.plain.add(batch_bucket(batch_size), measured - predicted)
 
-    def record_drafting(self, batch_size: int, measured: float, predicted: float, passes: int) -> None:
-        """One drafting call of ``passes`` draft forwards (seconds)."""
-        self.per_pass.add(batch_bucket(batch_size), (measured - predicted) / max(passes, 1))
+    def record_drafting(self, batch_size: int, measured: float, predicted_first_pass: float, measured_layers: float,
+                        predicted_layers: float, layers: int) -> None:
+        """One drafting call (seconds): in all ``measured``, of which ``measured_layers`` in its
+        loop over ``layers`` tree layers, against the table's first pass and layers."""
+        bucket = batch_bucket(batch_size)
+        self.first_pass.add(bucket, measured - measured_layers - predicted_first_pass)
+        if layers:
+            self.per_layer.add(bucket, (measured_layers - predicted_layers) / layers)
 
     def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
         cheaper than its forwards)."""
         bucket = batch_bucket(batch_size)
-        plain = max(self._median(self.plain, bucket), 0.0)
-        per_pass = max(self._median(self.per_pass, bucket), 0.0)
-        if plain == 0.0 and per_pass == 0.0:
+        plain, first_pass, per_layer = (max(self._median(samples, bucket), 0.0)
+                                        for samples in (self.plain, self.first_pass, self.per_layer))
+        if plain == 0.0 and first_pass == 0.0 and per_layer == 0.0:
             return costs
 
         def shifted(curve, by: float):
-            return None if curve is None else curve + by * (curve > 0)
+            return None if curve is None else torch.where(curve > 0, curve + by, curve)
 
-        return dataclasses.replace(costs, draft=shifted(costs.draft, per_pass), target=shifted(costs.target, plain),
+        return dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted(costs.target, plain),
                                    chain_target=shifted(costs.chain_target, plain),
-                                   chain_draft=shifted(costs.chain_draft, per_pass))
+                                   chain_draft=shifted(costs.causal_draft_curve(), first_pass))
 
     def summary(self) -> dict[str, float]:
-        """Current medians in milliseconds, keyed ``plain_ms_b<bucket>`` / ``per_pass_ms_b<bucket>``."""
-        return {**{f"plain_ms_b{b}": 1e3 * self._median(self.plain, b) for b in self.plain.keys()},
-                **{f"per_pass_ms_b{b}": 1e3 * self._median(self.per_pass, b) for b in self.per_pass.keys()}}
+        """Current medians in milliseconds, keyed ``<plain|first_pass|per_layer>_ms_b<bucket>``."""
+        return {f"{name}_ms_b{b}": 1e3 * self._median(samples, b)
+                for name, samples in (("plain", self.plain), ("first_pass", self.first_pass),
+                                      ("per_layer", self.per_layer))
+                for b in samples.keys()}

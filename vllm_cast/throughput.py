@@ -15,7 +15,8 @@ declines once they are enough: the dormant stretch that follows measures plain d
 Once both kinds are measured and speculating is slower, the proposer treats speculation
 as hopeless at that batch size (the draft model stops running, no probes): the verdict
 holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
-one, after which the old speculative samples no longer count and probes re-measure."""
+one; then the old speculative samples are dropped and speculation is measured afresh
+(the first ones may have been taken before acceptance was learned, or on other prompts)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from collections import Counter
 
 from vllm_cast.step_overheads import RecentMedians, batch_bucket
 
-STALE_AFTER_PLAIN_STEPS = 512
+STALE_AFTER_PLAIN_STEPS = 256
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
 drafting there (the workload may have changed: other prompts, other acceptance)."""
 
@@ -43,7 +44,11 @@ class MeasuredThroughput:
             return
         key = (batch_bucket(batch_size), all_sampled)
         self.rates.add((*key, speculative), tokens / seconds)
-        self.plain_steps_since_speculative[key] = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
+        since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
+        if since >= STALE_AFTER_PLAIN_STEPS:
+            self.rates.forget((*key, True))
+            since = 0
+        self.plain_steps_since_speculative[key] = since
 
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether to decline speculation at this batch size and mode: its steps measured
@@ -56,13 +61,12 @@ class MeasuredThroughput:
         return speculative is not None and (plain is None or speculative < plain)
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
-        """Whether both kinds are measured at this batch size and mode, speculating slower,
-        with speculative samples younger than ``STALE_AFTER_PLAIN_STEPS`` plain steps."""
+        """Whether both kinds are measured at this batch size and mode and speculating is
+        slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps)."""
         bucket = batch_bucket(batch_size)
         speculative = self.rates.median((bucket, all_sampled, True))
         plain = self.rates.median((bucket, all_sampled, False))
-        fresh = self.plain_steps_since_speculative[(bucket, all_sampled)] < STALE_AFTER_PLAIN_STEPS
-        return speculative is not None and plain is not None and speculative < plain and fresh
+        return speculative is not None and plain is not None and speculative < plain
 
     def summary(self) -> dict[str, float]:
         """Median rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""

@@ -55,13 +55,17 @@ class StepDecision:
     expected_accepted: float = 0.0
     predicted_draft_seconds: float = 0.0
     """Cost table's time for this step's draft passes (first pass + one per tree layer)."""
-    predicted_verify_seconds: float = 0.0
-    """Cost table's time for the target forward that verifies the largest tree."""
     draft_passes: int = 0
     """Draft forwards run this step (first pass + tree layers)."""
+    predicted_layer_seconds: float = 0.0
+    """Of which the tree layers."""
+    measured_layer_seconds: float = 0.0
+    """Wall time of the layer loop (forwards, top-K, builder steps)."""
+    predicted_verify_seconds: float = 0.0
+    """Cost table's time for the target forward that verifies the largest tree."""
     replayed: bool = False
     """The first pass also replayed rows kept while dormant (a probe: its time is no
-    sample of the per-pass overhead)."""
+    sample of the first-pass overhead)."""
     declined: bool = False
     """The trees were dropped: with measured overheads, plain decoding was faster."""
 
@@ -81,6 +85,13 @@ def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return values[np.arange(values.shape[0])[:, None], index]
 
 
+def top_children(distributions: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` entries of distributions ``[..., V]``: probabilities (float64) and tokens
+    (int64), ``[..., k]`` each."""
+    top = distributions.float().topk(k, dim=-1)
+    return top.values.numpy().astype(np.float64), top.indices.numpy()
+
+
 class CastTreeBuilder:
     """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc).
 
@@ -88,7 +99,9 @@ class CastTreeBuilder:
     dominates at these sizes); only the top-K over the vocabulary runs in torch."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None, first_pass_cost: float = 0.0) -> None:
+        """``first_pass_cost``: the step's first draft pass in plain-step units (priced into
+        the "auto" depth threshold's step cost)."""
         self.params = params
         self.k = params.node_top_k
         self.per_request = params.decision_scope == "request"
@@ -112,16 +125,18 @@ class CastTreeBuilder:
         self.root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
         self.prev_utility: float | None = None
+        self.expected_tokens = 1.0
+        """1 + the kept utility of every layer so far (batch mean expected tokens per step)."""
+        self.drafting_cost = first_pass_cost
+        """Plain-step units of the draft passes run so far (first pass + forwarded layers)."""
         self.decision = StepDecision()
 
-    def _children(self, distributions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Top-K children of each distribution ``[..., V]``: tokens and the factor each
-        multiplies its parent's value by (draft probability, or its calibration)
-        ``[..., K]``; records the raw draft probabilities for the pool."""
-        top = distributions.float().topk(self.k, dim=-1)
-        probs, tokens = top.values.numpy().astype(np.float64), top.indices.numpy()
+    def _child_factors(self, probs: np.ndarray) -> np.ndarray:
+        """The factor each top-K child ``[..., K]`` multiplies its parent's value by (its
+        draft probability, or that probability's calibration); records the raw draft
+        probabilities for the pool."""
         self.pool_draft_probs.append(probs.reshape(probs.shape[0], -1))
-        return tokens, probs if self.calibrate is None else self.calibrate(probs)
+        return probs if self.calibrate is None else self.calibrate(probs)
 
     def _add_candidates(self, tokens: np.ndarray, values: np.ndarray, parents: np.ndarray) -> np.ndarray:
         """Append candidates ``[B, C]`` to the pool; return their pool indices ``[B, C]``."""
@@ -159,10 +174,12 @@ class CastTreeBuilder:
             self.ratios.append(kept_utility / self.prev_utility)
         self.prev_utility = kept_utility
         alpha = sum(self.ratios) / len(self.ratios)
+        self.expected_tokens += kept_utility
         if len(self.decision.widths) >= self.params.max_depth:
             return None
-        if alpha * kept_utility < self.params.depth_threshold * float(cost[width]):
+        if alpha * kept_utility < self._depth_threshold() * float(cost[width]):
             return None
+        self.drafting_cost += float(cost[width])
         keep = order[:, :width]
         kept_values = _gather(values, keep)
         valid = (np.arange(width)[None, :] < widths[:, None]) & (kept_values > 0)
@@ -174,6 +191,16 @@ class CastTreeBuilder:
             pool_index=_gather(pool_index, keep),
         )
         return self.frontier
+
+    def _depth_threshold(self) -> float:
+        """C2, or for "auto" the step's expected tokens per plain-step unit so far: the
+        draft passes run plus verifying every kept node (chain or tree curve)."""
+        if self.params.depth_threshold != "auto":
+            return float(self.params.depth_threshold)
+        widths = self.decision.widths
+        nodes = min(sum(widths), self.max_nodes)
+        verify = self.chain_target_cost if max(widths) == 1 else self.target_cost
+        return self.expected_tokens / (self.drafting_cost + float(verify[1 + nodes]))
 
     def _verify_cost(self, sorted_depths: np.ndarray) -> np.ndarray:
         """Target cost of verifying the first ``n`` nodes of each row, ``[B, n_max + 1]``,
@@ -222,17 +249,24 @@ class CastTreeBuilder:
 
     def start(self, root_probs: torch.Tensor) -> Frontier | None:
         """Layer 1 from the draft distribution after the root, ``[B, V]``."""
-        tokens, values = self._children(root_probs)
+        return self.start_top(*top_children(root_probs, self.k))
+
+    def start_top(self, probs: np.ndarray, tokens: np.ndarray) -> Frontier | None:
+        """Layer 1 from the root's top-K draft probabilities (float64) and tokens (int64), ``[B, K]``."""
+        values = self._child_factors(probs)
         self.root_candidates = (tokens, self.pool_draft_probs[0])
         pool_index = self._add_candidates(tokens, values, np.zeros_like(tokens))
         return self._prune_and_continue(tokens, values, np.full_like(tokens, -1), pool_index)
 
     def expand(self, child_probs: torch.Tensor) -> Frontier | None:
         """Next layer from the draft distributions at the frontier nodes, ``[B, W, V]``."""
+        return self.expand_top(*top_children(child_probs, self.k))
+
+    def expand_top(self, probs: np.ndarray, tokens: np.ndarray) -> Frontier | None:
+        """Next layer from the frontier nodes' top-K draft probabilities and tokens, ``[B, W, K]``."""
         assert self.frontier is not None and self.frontier_values is not None
-        b, w, _ = child_probs.shape
-        tokens, probs = self._children(child_probs)
-        values = (self.frontier_values[:, :, None] * probs).reshape(b, w * self.k)
+        b, w, _ = probs.shape
+        values = (self.frontier_values[:, :, None] * self._child_factors(probs)).reshape(b, w * self.k)
         tokens = tokens.reshape(b, w * self.k)
         parents = np.repeat(self.frontier.pool_index, self.k, axis=1)
         parent_slot = np.broadcast_to(np.repeat(np.arange(w), self.k), (b, w * self.k))
