@@ -65,10 +65,10 @@ class DraftDormancy:
         fit the drafter's buffers."""
         return self.stashed_rows + 2 * new_rows <= self.max_rows
 
-    def should_skip(self, new_rows: int, hopeless: bool = False) -> bool:
-        """Whether this step may skip the draft: dormant, or speculation is ``hopeless`` at
-        this batch size; and this step's rows fit (see :meth:`fits`)."""
-        skip = self.fits(new_rows) and (hopeless or self.steps_left > 0)
+    def should_skip(self, new_rows: int) -> bool:
+        """Whether this step may skip the draft: dormant, and this step's rows fit (see
+        :meth:`fits`)."""
+        skip = self.fits(new_rows) and self.steps_left > 0
         self.steps_left = max(self.steps_left - 1, 0) if skip else 0
         return skip
 

@@ -71,6 +71,25 @@ class _DraftedNodes:
         return self.ancestors
 
 
+@dataclasses.dataclass
+class _LayerSlots:
+    """Where a step's tree layers live in the draft KV cache: ``prefix`` ``[B]`` each
+    request's verified draft context (tokens); ``slots`` ``[B, N]`` the cache slots of its
+    next ``N`` logical positions (one per draft node the step may forward)."""
+
+    prefix: torch.Tensor
+    slots: torch.Tensor
+
+    @classmethod
+    def of(cls, root_positions: torch.Tensor, block_table: torch.Tensor, block_size: int, nodes: int) -> _LayerSlots:
+        """From the roots' positions ``[B]`` and the block table ``[B, max_blocks]``."""
+        prefix = root_positions.cpu() + 1
+        logical = prefix[:, None] + torch.arange(nodes)[None, :]
+        table = block_table.cpu()[: prefix.numel()]
+        block_ids = torch.gather(table, 1, (logical // block_size).clamp_max(table.shape[1] - 1).long())
+        return cls(prefix, block_ids * block_size + logical % block_size)
+
+
 class CastProposer(EagleProposer):
     """EAGLE-3 proposer drafting CAST trees; returns per-request draft lists."""
 
@@ -147,11 +166,12 @@ class CastProposer(EagleProposer):
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
+        layer_slots = _LayerSlots.of(root_positions, cad.block_table_tensor, self.block_size, self.max_nodes)
         forwarded_widths = []
         loop_started = time.perf_counter()
         while frontier is not None and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
-            normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, cad,
+            normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, layer_slots, cad,
                                                        depth=builder.decision.depth)
             drafted.offset = drafted.count - frontier.width
             drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
@@ -250,7 +270,8 @@ class CastProposer(EagleProposer):
         return normed[sample_rows], hidden[sample_rows], cad, sample_rows
 
     def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, root_positions: torch.Tensor,
-                       cad: CommonAttentionMetadata, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       layer_slots: _LayerSlots, cad: CommonAttentionMetadata,
+                       depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one frontier ``[B, W]`` through the draft model under its tree mask (causally
         while the nodes form a chain); updates ``drafted``'s count and ancestors. Returns
         normed and pre-norm hidden states ``[B * W, H]``."""
@@ -269,14 +290,11 @@ class CastProposer(EagleProposer):
             grown[:, :before, :before] = previous
             grown[:, before:] = rows
             drafted.ancestors = grown
+            plan = TreePlan(tuple(TreeRequest(b, int(layer_slots.prefix[b]), rows[b]) for b in range(batch)))
         drafted.count = before + width
 
-        prefix = root_positions.cpu() + 1  # verified draft context per request
-        logical = prefix[:, None] + before + torch.arange(width)[None, :]
-        block_size = self.block_size
-        block_ids = torch.gather(cad.block_table_tensor.cpu()[:batch], 1, (logical // block_size).long())
-        slots = (block_ids * block_size + logical % block_size).flatten().to(cad.slot_mapping.dtype)
-        seq_lens = (prefix + before + width).to(cad.seq_lens.dtype)
+        slots = layer_slots.slots[:, before : before + width].flatten().to(cad.slot_mapping.dtype)
+        seq_lens = (layer_slots.prefix + before + width).to(cad.seq_lens.dtype)
         num_tokens = batch * width
         query_start = torch.arange(batch + 1, dtype=torch.int32) * width
         layer_cad = dataclasses.replace(
@@ -284,13 +302,14 @@ class CastProposer(EagleProposer):
             seq_lens=seq_lens.to(cad.seq_lens.device), num_actual_tokens=num_tokens, max_query_len=width,
             max_seq_len=int(seq_lens.max()), slot_mapping=slots.to(cad.slot_mapping.device), positions=None,
             seq_lens_cpu_upper_bound=None, causal=True)
-        if not drafted.chain:
-            plan = TreePlan(tuple(TreeRequest(b, int(prefix[b]), rows[b]) for b in range(batch)))
         with active_plan(plan):
             _, per_layer = self.build_per_group_and_layer_attn_metadata(layer_cad, draft_index=depth)
 
-        parent_hidden = torch.gather(drafted.hidden, 1, parent_slot.to(drafted.hidden.device)
-                                     [:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
+        if drafted.hidden.shape[1] == 1:  # every node's parent is the previous layer's only node
+            parent_hidden = drafted.hidden.expand(-1, width, -1)
+        else:
+            parent_hidden = torch.gather(drafted.hidden, 1, parent_slot.to(drafted.hidden.device)
+                                         [:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
         self.input_ids[:num_tokens] = torch.from_numpy(frontier.tokens).flatten().to(self.input_ids)
         self.positions[:num_tokens] = (root_positions[:, None] + depth).expand(-1, width).flatten().to(self.positions)
         self.hidden_states[:num_tokens] = parent_hidden.reshape(num_tokens, -1)

@@ -57,7 +57,7 @@ class CastRunnerMixin:
         self._flags_by_request: dict[str, tuple[bool, bool]] = {}
         self._undrafted: set[str] = set()
         """Requests whose rows the draft stopped seeing (dropped while speculation was
-        hopeless, too many to keep): they are never given drafts nor feed the calibrator."""
+        hopeless): they are never given drafts nor feed the calibrator."""
         self._undrafted_total = 0
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
@@ -313,46 +313,47 @@ class CastRunnerMixin:
 
     def _skip_drafting(self, scheduler_output, spec_decode_metadata: SpecDecodeMetadata | None,
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
-        """While dormant (see vllm_cast.dormancy) or while no chain could pay for itself
-        (``speculation_hopeless``), and nothing was drafted this step: keep the rows the
-        drafter would read and skip all of vLLM's and CAST's drafting work. When hopeless
-        and the rows are too many to keep, prompt chunks are dropped instead of drafted, and
-        if the rest still does not fit, every request's rows: those requests become
-        undrafted (they never speculate and their rows are not kept). A step whose requests
-        are all undrafted always skips."""
+        """Whether this step skips all of vLLM's and CAST's drafting work (nothing was drafted
+        this step). While dormant (see vllm_cast.dormancy) the rows the drafter would read
+        are kept for the next probe. While no chain could pay for itself
+        (``speculation_hopeless``) the step's requests become undrafted instead: their rows
+        are not kept and they never speculate (requests arriving once speculation may pay
+        again are drafted). A step whose requests are all undrafted always skips."""
         drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
         if drafted or aux_hidden_states is None:
             return False
         dormancy = self.drafter.dormancy
-        starts = self.query_start_loc.np[: len(req_ids) + 1]
-        lengths = starts[1:] - starts[:-1]
         undrafted = self._undrafted
         keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
         if keep.any():
-            hopeless = self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)),
-                                                         self._all_sampled)
-            if hopeless and not dormancy.fits(int(lengths[keep].sum())):
-                self._undraft(req_ids, keep & (lengths > 1))
-                keep &= lengths == 1
-                if not dormancy.fits(int(lengths[keep].sum())):
-                    self._undraft(req_ids, keep)
-                    keep[:] = False
-                    dormancy.forget()
-            if keep.any() and not dormancy.should_skip(int(lengths[keep].sum()), hopeless):
-                return False
-        if keep.all():
-            total = scheduler_output.total_num_scheduled_tokens
-            dormancy.remember(req_ids, self.input_ids.gpu[:total].clone(), self.positions[:total].clone(),
-                              torch.cat([h[:total] for h in aux_hidden_states], dim=-1), starts.tolist())
-        elif keep.any():
-            kept = np.flatnonzero(keep)
-            rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in kept]))
-            rows = rows.to(self.input_ids.gpu.device)
-            dormancy.remember([req_ids[i] for i in kept], self.input_ids.gpu[rows], self.positions[rows],
-                              torch.cat([h[rows] for h in aux_hidden_states], dim=-1),
-                              np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())
+            if self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)), self._all_sampled):
+                self._undraft(req_ids, keep)
+                keep[:] = False
+                dormancy.forget()
+            else:
+                starts = self.query_start_loc.np[: len(req_ids) + 1]
+                lengths = starts[1:] - starts[:-1]
+                if not dormancy.should_skip(int(lengths[keep].sum())):
+                    return False
+                self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
         self.drafter.skipped_steps += 1
         return True
+
+    def _remember_rows(self, req_ids: list[str], keep: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                       aux_hidden_states: list[torch.Tensor]) -> None:
+        """Hand the dormancy stash the rows of the requests at ``keep`` (bool ``[B]``)."""
+        if keep.all():
+            total = int(starts[-1])
+            self.drafter.dormancy.remember(
+                req_ids, self.input_ids.gpu[:total].clone(), self.positions[:total].clone(),
+                torch.cat([h[:total] for h in aux_hidden_states], dim=-1), starts.tolist())
+            return
+        kept = np.flatnonzero(keep)
+        rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in kept]))
+        rows = rows.to(self.input_ids.gpu.device)
+        self.drafter.dormancy.remember([req_ids[i] for i in kept], self.input_ids.gpu[rows], self.positions[rows],
+                                       torch.cat([h[rows] for h in aux_hidden_states], dim=-1),
+                                       np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())
 
     def _undraft(self, req_ids: list[str], rows: np.ndarray) -> None:
         """Requests at ``rows`` (bool ``[B]``) stop being drafted for good (see _skip_drafting)."""

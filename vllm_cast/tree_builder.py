@@ -111,6 +111,10 @@ class CastTreeBuilder:
         self.chain_target_cost = costs.chain_target_ratio().numpy().astype(np.float64)
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
+        self.added_verify_cost = {chain: curve[1:] - curve[1] for chain, curve in
+                                  ((False, self.target_cost), (True, self.chain_target_cost))}
+        """Target cost of verifying ``n`` nodes beyond the root, ``[n_max + 1]``, for trees
+        (False) and chains (True)."""
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
         self.pool_tokens: list[np.ndarray] = []
         self.pool_parents: list[np.ndarray] = []
@@ -209,8 +213,7 @@ class CastTreeBuilder:
         b, limit = sorted_depths.shape
         is_chain = np.ones((b, limit + 1), dtype=bool)
         is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == np.arange(1, limit + 1)
-        tree, chain = (curve[1 : limit + 2] - curve[1] for curve in (self.target_cost, self.chain_target_cost))
-        return np.where(is_chain, chain, tree)
+        return np.where(is_chain, self.added_verify_cost[True][: limit + 1], self.added_verify_cost[False][: limit + 1])
 
     def _verify_counts(self, sorted_pool: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Dynamic reranking's verify count per request ``[B]`` for a pool whose values
