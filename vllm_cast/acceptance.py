@@ -34,10 +34,12 @@ class AcceptanceCalibrator:
         self.accepted = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
         self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
         self._edges = PROBABILITY_EDGES.double().numpy()
+        self._accepted_np, self._trials_np = self.accepted.numpy(), self.trials.numpy()  # views, same memory
 
     def _cells(self, probs: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rank and probability-bin cells of draft probabilities and sibling ranks."""
-        bins = np.clip(np.searchsorted(self._edges, probs, side="right") - 1, 0, self.trials.shape[2] - 1)
+        bins = np.searchsorted(self._edges, probs, side="right") - 1
+        np.clip(bins, 0, self._trials_np.shape[2] - 1, out=bins)
         return np.minimum(ranks, self.ranks - 1), bins
 
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
@@ -48,7 +50,7 @@ class AcceptanceCalibrator:
         probs = np.asarray(sorted_probs, dtype=np.float64)
         ranks, bins = self._cells(probs, np.arange(probs.shape[-1]))
         modes = np.asarray(sampled).astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
-        hits, trials = self.accepted.numpy()[modes, ranks, bins], self.trials.numpy()[modes, ranks, bins]
+        hits, trials = self._accepted_np[modes, ranks, bins], self._trials_np[modes, ranks, bins]
         return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
     def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray) -> None:
@@ -57,8 +59,8 @@ class AcceptanceCalibrator:
         verified by sampling ``[T]`` bool (numpy or CPU tensors)."""
         rank_cell, bin_cell = self._cells(np.asarray(probs, dtype=np.float64), np.asarray(ranks))
         flat = (np.asarray(sampled).astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
-        np.add.at(self.trials.numpy().reshape(-1), flat, 1.0)
-        np.add.at(self.accepted.numpy().reshape(-1), flat, np.asarray(accepted, dtype=np.float64))
+        np.add.at(self._trials_np.reshape(-1), flat, 1.0)
+        np.add.at(self._accepted_np.reshape(-1), flat, np.asarray(accepted, dtype=np.float64))
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,

@@ -83,11 +83,11 @@ class _LayerSlots:
     @classmethod
     def of(cls, root_positions: torch.Tensor, block_table: torch.Tensor, block_size: int, nodes: int) -> _LayerSlots:
         """From the roots' positions ``[B]`` and the block table ``[B, max_blocks]``."""
-        prefix = root_positions.cpu() + 1
-        logical = prefix[:, None] + torch.arange(nodes)[None, :]
-        table = block_table.cpu()[: prefix.numel()]
-        block_ids = torch.gather(table, 1, (logical // block_size).clamp_max(table.shape[1] - 1).long())
-        return cls(prefix, block_ids * block_size + logical % block_size)
+        prefix = root_positions.cpu().numpy().astype(np.int64) + 1
+        logical = prefix[:, None] + np.arange(nodes)[None, :]
+        table = block_table.cpu()[: prefix.size].numpy()
+        block_ids = np.take_along_axis(table, np.minimum(logical // block_size, table.shape[1] - 1), 1)
+        return cls(torch.from_numpy(prefix), torch.from_numpy(block_ids * block_size + logical % block_size))
 
 
 class CastProposer(EagleProposer):
@@ -238,18 +238,16 @@ class CastProposer(EagleProposer):
 
     def _top_children(self, normed_hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Top-K draft probabilities (float64) and target-vocabulary tokens (int64), ``[n, K]``
-        each, from normed hidden ``[n, H]``: the top-K of the draft vocabulary's logits,
-        normalised by their logsumexp. These are the probabilities of a softmax over the
-        target vocabulary (tokens outside the draft vocabulary have probability 0), without
+        each, from normed hidden ``[n, H]``: the top-K of the draft vocabulary's log-softmax.
+        These are the probabilities of a softmax over the target vocabulary (tokens outside the draft vocabulary have probability 0), without
         scattering the logits into it."""
-        logits = self.model.logits_processor(self.model.lm_head, normed_hidden).float()
-        top = logits.topk(self.cast_params.node_top_k, dim=-1)
-        probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp()
+        logits = self.model.logits_processor(self.model.lm_head, normed_hidden)
+        top = logits.float().log_softmax(-1).topk(self.cast_params.node_top_k, dim=-1)
         tokens = top.indices
         draft_to_target = self.model.draft_id_to_target_id
         if draft_to_target is not None:
             tokens = tokens + draft_to_target[tokens]
-        return probs.cpu().numpy().astype(np.float64), tokens.cpu().numpy()
+        return top.values.double().exp_().cpu().numpy(), tokens.cpu().numpy()
 
     def _first_pass(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
                     token_indices_to_sample, cad: CommonAttentionMetadata, num_rejected_tokens_gpu):

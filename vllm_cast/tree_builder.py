@@ -118,10 +118,13 @@ class CastTreeBuilder:
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
         self.pool_tokens: list[np.ndarray] = []
         self.pool_parents: list[np.ndarray] = []
-        self.pool_values: list[np.ndarray] = []
         self.pool_draft_probs: list[np.ndarray] = []
-        self.pool_depths: list[int] = []
+        self.pool_depths = np.zeros(0, dtype=np.int64)
         """Tree depth of each pool candidate (1 = child of the root), in pool order."""
+        self.pool_value_array = np.zeros((0, 0))
+        """Values of the pool's candidates ``[B, P]``, in pool order."""
+        self.breadth_cost = np.concatenate([[0.0], self.draft_cost[1 : self.k + 1]])
+        """Draft cost of forwarding a layer of ``w`` nodes, ``[K + 1]`` (index 0: none)."""
         self.calibrate = calibrate
         self.pool_size = 1  # the root
         self.frontier_values: np.ndarray | None = None
@@ -134,6 +137,7 @@ class CastTreeBuilder:
         self.drafting_cost = first_pass_cost
         """Plain-step units of the draft passes run so far (first pass + forwarded layers)."""
         self.decision = StepDecision()
+        self._cut: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def _child_factors(self, probs: np.ndarray) -> np.ndarray:
         """The factor each top-K child ``[..., K]`` multiplies its parent's value by (its
@@ -147,9 +151,9 @@ class CastTreeBuilder:
         count = tokens.shape[1]
         index = np.broadcast_to(np.arange(self.pool_size, self.pool_size + count), tokens.shape)
         self.pool_tokens.append(tokens)
-        self.pool_values.append(values)
+        self.pool_value_array = values if self.pool_size == 1 else np.concatenate([self.pool_value_array, values], 1)
         self.pool_parents.append(parents)
-        self.pool_depths += [len(self.decision.widths) + 1] * count
+        self.pool_depths = np.concatenate([self.pool_depths, np.full(count, len(self.decision.widths) + 1)])
         self.pool_size += count
         return index
 
@@ -157,14 +161,12 @@ class CastTreeBuilder:
                             pool_index: np.ndarray) -> Frontier | None:
         """Breadth-prune one layer's candidates ``[B, C]``; decide on depth; return the
         frontier to expand or None to stop drafting."""
-        by_value = _descending(values)
-        effective = _gather(self._expansion_values(values), by_value)
-        rank = _descending(effective)
-        order = _gather(by_value, rank)  # by counted value, ties by real value
-        width_cap = min(self.k, values.shape[1])
-        per_row = np.zeros((values.shape[0], width_cap + 1))
-        np.cumsum(_gather(effective, rank[:, :width_cap]), axis=1, out=per_row[:, 1:])
-        cost = np.concatenate([[0.0], self.draft_cost[1 : width_cap + 1]])
+        counted = self._expansion_values(values)
+        # By counted value, ties by real value: counted values are the value or 0, values <= 1.
+        order = _descending(counted + (counted > 0) * 2.0 + values * (counted == 0))
+        per_row = np.zeros((values.shape[0], self.k + 1))  # every layer has at least K candidates
+        np.cumsum(_gather(counted, order[:, : self.k]), axis=1, out=per_row[:, 1:])
+        cost = self.breadth_cost
         batch_utility = per_row.sum(0) / per_row.shape[0]
         if self.per_request:
             widths = batched_select_max_valid_index(per_row, cost, self.params.breadth_threshold, base=1)
@@ -224,7 +226,7 @@ class CastTreeBuilder:
         values = sorted_pool[:, :limit]
         per_row = np.zeros((b, limit + 1))
         np.cumsum(values, axis=1, out=per_row[:, 1:])
-        cost = self._verify_cost(np.asarray(self.pool_depths)[order[:, :limit]])
+        cost = self._verify_cost(self.pool_depths[order[:, :limit]])
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
@@ -232,12 +234,16 @@ class CastTreeBuilder:
             counts = np.full(b, count)
         return np.minimum(counts, (values > 0).sum(1))
 
-    def _sorted_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pool values ``[B, P]`` in pool order, sorted descending per row, and the sorted
-        ones' pool positions (0-based)."""
-        values = np.concatenate(self.pool_values, axis=1)
-        order = _descending(values)
-        return values, _gather(values, order), order
+    def _verify_cut(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pool's values sorted descending per row ``[B, P]``, their pool positions
+        (0-based) and each request's verify count ``[B]``; computed once per pool size (the
+        last layer's pruning and ``finish`` see the same pool)."""
+        if self._cut is None or self._cut[0] != self.pool_size:
+            values = self.pool_value_array
+            order = _descending(values)
+            sorted_values = _gather(values, order)
+            self._cut = (self.pool_size, (sorted_values, order, self._verify_counts(sorted_values, order)))
+        return self._cut[1]
 
     def _expansion_values(self, values: np.ndarray) -> np.ndarray:
         """Values ``[B, C]`` of the newest layer as breadth/depth pruning counts them: all
@@ -245,8 +251,7 @@ class CastTreeBuilder:
         ("verified"; the rest count 0)."""
         if self.params.expansion_utility == "layer":
             return values
-        _, pool, order = self._sorted_pool()
-        counts = self._verify_counts(pool, order)
+        pool, _, counts = self._verify_cut()
         cut = _gather(pool, np.maximum(counts - 1, 0)[:, None])
         return np.where((values >= cut) & (counts[:, None] > 0), values, 0.0)
 
@@ -284,23 +289,34 @@ class CastTreeBuilder:
         tokens = np.concatenate(self.pool_tokens, axis=1)
         parents = np.concatenate(self.pool_parents, axis=1)
         draft_probs = np.concatenate(self.pool_draft_probs, axis=1)
-        values, sorted_values, order = self._sorted_pool()
-        counts = self._verify_counts(sorted_values, order)
+        values = self.pool_value_array
+        _, order, counts = self._verify_cut()
         if max_nodes_per_request is not None:
             counts = np.minimum(counts, np.maximum(np.asarray(max_nodes_per_request), 0))
-        roots = np.asarray(root_tokens).astype(np.int64)
-        node_of_pool = np.zeros(self.pool_size, dtype=np.int64)  # pool index (0 = root) -> tree node
-        trees = []
-        for row, m in enumerate(counts.tolist()):
-            chosen = np.sort(order[row, :m])  # pool order: parents before children
-            node_of_pool[chosen + 1] = np.arange(1, m + 1)
-            trees.append(FlatTree(
-                tokens=torch.from_numpy(np.concatenate([roots[row : row + 1], tokens[row, chosen]])),
-                parents=torch.from_numpy(np.concatenate([[-1], node_of_pool[parents[row, chosen]]])),
-                values=torch.from_numpy(np.concatenate([[1.0], values[row, chosen]]).astype(np.float32)),
-                draft_probs=torch.from_numpy(np.concatenate([[1.0], draft_probs[row, chosen]]).astype(np.float32)),
-                ranks=torch.from_numpy(np.concatenate([[0], chosen % self.k])),
-            ))
-            self.decision.verified.append(m)
-        self.decision.expected_accepted = float(sum(float(t.values[1:].sum()) for t in trees) / len(trees))
+        b = counts.size
+        widest = int(counts.max())
+        rows = np.arange(b)[:, None]
+        slot = np.arange(widest)[None, :]
+        kept = slot < counts[:, None]
+        # Each row's chosen pool positions in pool order (parents before children), padding last.
+        candidates = self.pool_size - 1
+        chosen = np.sort(np.where(kept, order[:, :widest], candidates), axis=1)
+        node_of_pool = np.zeros((b, candidates + 2), dtype=np.int64)  # pool index (0 = root) -> tree node
+        node_of_pool[rows, chosen + 1] = np.where(kept, slot + 1, 0)
+        chosen = np.minimum(chosen, candidates - 1)  # padding points at any candidate; cut below
+
+        def with_root(root_value, column: np.ndarray, dtype) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([np.broadcast_to(root_value, (b, 1)), column], 1).astype(dtype))
+
+        tree_tokens = with_root(np.asarray(root_tokens).astype(np.int64)[:, None], tokens[rows, chosen], np.int64)
+        tree_parents = with_root(-1, node_of_pool[rows, parents[rows, chosen]], np.int64)
+        tree_values = with_root(1.0, values[rows, chosen], np.float32)
+        tree_probs = with_root(1.0, draft_probs[rows, chosen], np.float32)
+        tree_ranks = with_root(0, chosen % self.k, np.int64)
+        trees = [FlatTree(tokens=tree_tokens[row, : m + 1], parents=tree_parents[row, : m + 1],
+                          values=tree_values[row, : m + 1], draft_probs=tree_probs[row, : m + 1],
+                          ranks=tree_ranks[row, : m + 1])
+                 for row, m in enumerate(counts.tolist())]
+        self.decision.verified.extend(counts.tolist())
+        self.decision.expected_accepted = float((values[rows, chosen] * kept).sum() / b)
         return trees
