@@ -2,7 +2,7 @@
 concurrent streaming load, in the style of ``vllm bench serve``: vanilla, vLLM's EAGLE-3
 chain and CAST on the same model pair and the same requests.
 
-``python -m benchmarks.serve_load [--requests N] [--concurrency C ...] [--out DIR]`` writes
+``python -m benchmarks.serve_load [--requests N] [--concurrency C ...] [--rounds R] [--out DIR]`` writes
 ``serve_load.json`` and prints a table."""
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times each concurrency level is run on the same server (round 1 is cold for CAST, "
+                             "whose overheads, acceptance and throughput are learned online)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_small"))
     args = parser.parse_args()
 
@@ -68,16 +71,18 @@ def main() -> None:
             with served(target, spec, Path(logs) / f"{name}.log",
                         extra_args=("--max-num-seqs", str(max(args.concurrency)), "--no-enable-prefix-caching")) as url:
                 timed_stream(url, target, prompts[0], 4)  # warm-up
-                rows += [{"config": name, **load(url, target, prompts, args.max_tokens, c)} for c in args.concurrency]
-    vanilla = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
+                rows += [{"config": name, "round": r, **load(url, target, prompts, args.max_tokens, c)}
+                         for c in args.concurrency for r in range(1, args.rounds + 1)]
+    vanilla = {(r["concurrency"], r["round"]): r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
     for row in rows:
-        row["throughput_vs_vanilla"] = row["output_tokens_per_s"] / vanilla[row["concurrency"]]
+        row["throughput_vs_vanilla"] = row["output_tokens_per_s"] / vanilla[row["concurrency"], row["round"]]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(rows, indent=1))
-    print("| config | clients | tokens/s | vs vanilla | TTFT p50/p99 ms | latency p50/p90/p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print("| config | clients | round | tokens/s | vs vanilla | TTFT p50/p99 ms | latency p50/p90/p99 ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['throughput_vs_vanilla']:.2f} | "
+        print(f"| {r['config']} | {r['concurrency']} | {r['round']} | {r['output_tokens_per_s']:.0f} | "
+              f"{r['throughput_vs_vanilla']:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
               f"{r['latency_p50_ms']:.0f} / {r['latency_p90_ms']:.0f} / {r['latency_p99_ms']:.0f} |")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vllm_cast.step_overheads import MIN_SAMPLES
-from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, MeasuredThroughput
+from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
 
 
 def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, tokens: int, seconds: float,
@@ -30,9 +30,18 @@ def test_faster_speculation_is_kept_and_recent_steps_decide():
     assert throughput.should_decline(1, False), "plain decoding unmeasured here: explore it"
     _record(throughput, 1, speculative=False, tokens=1, seconds=0.004)  # 250 tokens/s
     assert not throughput.should_decline(1, False)
-    _record(throughput, 1, speculative=True, tokens=1, seconds=0.008, steps=16)  # recent steps: 125 tokens/s
+    _record(throughput, 1, speculative=True, tokens=1, seconds=0.008, steps=WINDOW_ENTRIES)  # 125 tokens/s
     assert throughput.should_decline(1, False)
-    assert throughput.summary()["spec_tps_b0"] == 125.0
+    assert abs(throughput.summary()["spec_tps_b0"] - 125.0) < 1e-6, "only the recent window counts"
+
+
+def test_drafting_new_prompts_is_charged_to_speculation():
+    throughput = MeasuredThroughput()
+    _record(throughput, 4, speculative=True, tokens=8, seconds=0.010)  # 800 tokens/s per decode step
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)  # 667 tokens/s
+    assert not throughput.measured_slower(4, False)
+    throughput.record_prompt_drafting(4, False, seconds=0.040)  # the draft's pass over a new batch's prompts
+    assert throughput.measured_slower(4, False), "32 tokens in 80 ms: 400 tokens/s"
 
 
 def test_measured_slower_speculation_holds_until_its_samples_are_stale():

@@ -205,10 +205,11 @@ class CastProposer(EagleProposer):
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: with the learned
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
-        tokens never pay for ``d`` draft passes plus verifying ``d`` tokens, or speculating
-        measured slower than plain decoding here. Then CAST stays dormant without probing
-        (the draft model does not run at all). Verdicts are memoised per batch size,
-        context bucket and mode, and all forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
+        tokens never pay for drafting ``d`` tokens and verifying them (see
+        ``pricing.no_chain_can_pay``), or speculating measured slower than plain decoding
+        here. Then the batch's requests are not drafted at all (the runner's
+        ``_skip_drafting``). Verdicts are memoised per batch size, context bucket and mode,
+        and all forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
         self._hopeless_calls += 1
         if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
             self._hopeless_memo.clear()

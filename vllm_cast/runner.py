@@ -117,13 +117,19 @@ class CastRunnerMixin:
         """Compare a step's wall time with the cost table: for the stats (speculative
         steps) and, for decode-only steps, the drafter's measured overheads: the step
         outside its drafting call against its target forward (plain or verifying), and
-        the drafting call against its draft passes (not for probes replaying dormant rows)."""
+        the drafting call against its draft passes (not for probes replaying dormant rows).
+        Every decode-only step is a throughput sample; on other steps the drafting call is
+        charged to speculation (vllm_cast.throughput)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
-        if not self._decode_only or self.drafter.cost_source is None:
+        if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
+        if not self._decode_only:
+            if decision is not None:
+                self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds)
+            return
         if predicted_verify is None:
             predicted_verify = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
         drafting = 0.0 if decision is None else self._drafting_seconds
@@ -132,9 +138,8 @@ class CastRunnerMixin:
             layers = decision.predicted_layer_seconds
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds - layers,
                                                    decision.measured_layer_seconds, layers, decision.draft_passes - 1)
-        if self._verified_drafts == (decision is not None):  # a speculating step, or a plain one
-            self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts,
-                                           self._emitted_tokens, measured)
+        self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts or decision is not None,
+                                       self._emitted_tokens, measured)
 
     def _mean_context(self, batch: int) -> float:
         """Tokens already computed per request, averaged over the first ``batch`` rows."""
@@ -290,7 +295,7 @@ class CastRunnerMixin:
                                 common_attn_metadata, slot_mappings):
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        if self._skip_drafting(scheduler_output, spec_decode_metadata, aux_hidden_states, req_ids):
+        if self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids):
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
@@ -311,7 +316,7 @@ class CastRunnerMixin:
             self.cast_stats.record(self.drafter.last_decision, len(self.drafter.last_trees))
         return drafts
 
-    def _skip_drafting(self, scheduler_output, spec_decode_metadata: SpecDecodeMetadata | None,
+    def _skip_drafting(self, spec_decode_metadata: SpecDecodeMetadata | None,
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
         """Whether this step skips all of vLLM's and CAST's drafting work (nothing was drafted
         this step). While dormant (see vllm_cast.dormancy) the rows the drafter would read

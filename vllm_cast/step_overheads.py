@@ -45,7 +45,7 @@ def batch_bucket(batch_size: int) -> int:
 
 class RecentMedians:
     """Per key, the last ``WINDOW`` samples and their median: the robust running estimate
-    kept per batch-size bucket here and by vllm_cast.throughput."""
+    kept per batch-size bucket."""
 
     def __init__(self) -> None:
         self.samples: dict[Hashable, deque[float]] = {}
@@ -57,10 +57,6 @@ class RecentMedians:
         """Median of ``key``'s recent samples, or None while it has fewer than ``min_samples``."""
         recent = self.samples.get(key)
         return statistics.median(recent) if recent and len(recent) >= min_samples else None
-
-    def forget(self, key: Hashable) -> None:
-        """Drop ``key``'s samples."""
-        self.samples.pop(key, None)
 
     def keys(self) -> list:
         return sorted(self.samples)

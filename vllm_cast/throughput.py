@@ -4,38 +4,68 @@ keeps CAST from ever being slower than plain decoding in practice.
 The cost table and the measured overheads price a step before it runs; whatever they miss
 (tree attention that scales worse than profiled, per-request bookkeeping that grows with
 tree size, machine noise) still shows in the wall time of the steps that ran. The runner
-records every decode-only step: tokens emitted per second of steps that verified drafts
-(their drafting for the next step included) and of plain steps. Per batch-size bucket and
-verification mode (greedy / all sampled) the medians of the recent samples are
-compared; while speculating measures slower than plain decoding, the proposer declines its
+records every decode-only step, speculative (it verified drafts or ran the drafter) or
+plain (neither), and charges the drafter's time on steps with new prompts (their draft
+first pass, which plain decoding never pays and short requests feel most) to speculation.
+Per batch-size bucket and verification mode (greedy / all sampled) the tokens and seconds of
+the recent entries are pooled into tokens per second and compared; while speculating
+measures slower than plain decoding, the proposer declines its
 trees and stays dormant (probing on the dormancy back-off, which keeps the speculative
 samples fresh). When only speculating steps have been measured at a batch size, it also
 declines once they are enough: the dormant stretch that follows measures plain decoding.
 
 Once both kinds are measured and speculating is slower, the proposer treats speculation
-as hopeless at that batch size (the draft model stops running, no probes): the verdict
+as hopeless at that batch size (its requests are not drafted, no probes): the verdict
 holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
 one; then the old speculative samples are dropped and speculation is measured afresh
 (the first ones may have been taken before acceptance was learned, or on other prompts)."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Hashable
 
-from vllm_cast.step_overheads import RecentMedians, batch_bucket
+from vllm_cast.step_overheads import MIN_SAMPLES, batch_bucket
 
-STALE_AFTER_PLAIN_STEPS = 256
+WINDOW_ENTRIES = 32
+"""Recent entries per (bucket, mode, kind) whose tokens and seconds are pooled."""
+
+STALE_AFTER_PLAIN_STEPS = 1024
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
 drafting there (the workload may have changed: other prompts, other acceptance)."""
 
 
-class MeasuredThroughput:
-    """Tokens per second of speculative and plain decode steps (see module doc); each
-    (bucket, mode, kind) keeps its last ``step_overheads.WINDOW`` steps, compared once
-    both kinds have ``step_overheads.MIN_SAMPLES``."""
+class RecentTotals:
+    """Per key, the last ``WINDOW_ENTRIES`` (tokens, seconds) entries and their pooled rate."""
 
     def __init__(self) -> None:
-        self.rates = RecentMedians()
+        self.entries: dict[Hashable, deque[tuple[int, float]]] = {}
+
+    def add(self, key: Hashable, tokens: int, seconds: float) -> None:
+        self.entries.setdefault(key, deque(maxlen=WINDOW_ENTRIES)).append((tokens, seconds))
+
+    def rate(self, key: Hashable, min_steps: int = MIN_SAMPLES) -> float | None:
+        """Tokens per second over the window, or None while it holds fewer than
+        ``min_steps`` entries that emitted tokens."""
+        window = self.entries.get(key)
+        if not window or sum(1 for tokens, _ in window if tokens) < min_steps:
+            return None
+        return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
+
+    def forget(self, key: Hashable) -> None:
+        self.entries.pop(key, None)
+
+    def keys(self) -> list:
+        return sorted(self.entries)
+
+
+class MeasuredThroughput:
+    """Tokens per second of speculative and plain decoding (see module doc) per (bucket,
+    mode, kind), pooled over each one's last ``WINDOW_ENTRIES`` entries, compared once both
+    kinds have ``step_overheads.MIN_SAMPLES`` steps."""
+
+    def __init__(self) -> None:
+        self.rates = RecentTotals()
         self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
 
     def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> None:
@@ -43,35 +73,43 @@ class MeasuredThroughput:
         if seconds <= 0:
             return
         key = (batch_bucket(batch_size), all_sampled)
-        self.rates.add((*key, speculative), tokens / seconds)
+        self.rates.add((*key, speculative), tokens, seconds)
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         if since >= STALE_AFTER_PLAIN_STEPS:
             self.rates.forget((*key, True))
             since = 0
         self.plain_steps_since_speculative[key] = since
 
-    def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
-        """Whether to decline speculation at this batch size and mode: its steps measured
-        fewer tokens per second than plain ones, or plain steps were never measured here
-        (explore them). False until speculative steps have ``MIN_SAMPLES`` samples
-        (vllm_cast.step_overheads)."""
+    def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float) -> None:
+        """Seconds the draft spent on a step that was not decode-only (new prompts' first
+        pass): a cost of speculating that decode steps do not show, charged to it."""
+        if seconds > 0:
+            self.rates.add((batch_bucket(batch_size), all_sampled, True), 0, seconds)
+
+    def _rates(self, batch_size: int, all_sampled: bool) -> tuple[float | None, float | None]:
         bucket = batch_bucket(batch_size)
-        speculative = self.rates.median((bucket, all_sampled, True))
-        plain = self.rates.median((bucket, all_sampled, False))
+        return self.rates.rate((bucket, all_sampled, True)), self.rates.rate((bucket, all_sampled, False))
+
+    def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
+        """Whether to decline speculation at this batch size and mode: it measured fewer
+        tokens per second than plain decoding, or plain decoding was never measured here
+        (explore it). False until speculative steps have ``MIN_SAMPLES`` samples
+        (vllm_cast.step_overheads)."""
+        speculative, plain = self._rates(batch_size, all_sampled)
         return speculative is not None and (plain is None or speculative < plain)
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether both kinds are measured at this batch size and mode and speculating is
         slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps)."""
-        bucket = batch_bucket(batch_size)
-        speculative = self.rates.median((bucket, all_sampled, True))
-        plain = self.rates.median((bucket, all_sampled, False))
+        speculative, plain = self._rates(batch_size, all_sampled)
         return speculative is not None and plain is not None and speculative < plain
 
     def summary(self) -> dict[str, float]:
-        """Median rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
+        """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
         out = {}
         for bucket, sampled, speculative in self.rates.keys():
             name = f"{'spec' if speculative else 'plain'}_tps_b{bucket}{'_sampled' if sampled else ''}"
-            out[name] = self.rates.median((bucket, sampled, speculative), min_samples=1)
+            rate = self.rates.rate((bucket, sampled, speculative), min_steps=1)
+            if rate is not None:
+                out[name] = rate
         return out
