@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_cast.config import CastParams
+from vllm_cast.cost_model import StepCosts
 from vllm_cast.oracle import expand_all_layers
 from vllm_cast.tree import (
     FlatTree,
@@ -100,3 +101,26 @@ def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_
             for depth in range(len(path)):
                 expected *= float(drafts[b](tuple(path[:depth]))[path[depth]])
             assert abs(float(tree.values[node]) - expected) < 1e-5
+
+
+def _auto_depth(draft_cost: float, first_pass_cost: float = 0.3) -> int:
+    """Depth the "auto" depth rule reaches on a confident chain (top child 0.9) when a draft
+    layer costs ``draft_cost`` plain steps."""
+    n = torch.arange(18, dtype=torch.float64)
+    positive = (n > 0).double()
+    costs = StepCosts(draft=draft_cost * positive, target=(1.0 + 0.05 * (n - 1)) * positive,
+                      chain_target=(1.0 + 0.02 * (n - 1)) * positive)
+    params = CastParams(node_top_k=2, max_depth=8, depth_threshold="auto", acceptance_calibration=False)
+    builder = CastTreeBuilder(params, costs, max_nodes=16, first_pass_cost=first_pass_cost)
+    probs = torch.zeros(1, 8)
+    probs[0, :2] = torch.tensor([0.9, 0.05])
+    frontier = builder.start(probs)
+    while frontier is not None:
+        frontier = builder.expand(probs.expand(frontier.width, -1)[None])
+    return builder.decision.depth
+
+
+def test_auto_depth_drafts_deeper_when_layers_are_cheaper():
+    cheap, dear = _auto_depth(draft_cost=0.05), _auto_depth(draft_cost=0.6)
+    assert cheap == 8, "cheap layers: up to max_depth"
+    assert 1 <= dear < cheap
