@@ -149,7 +149,6 @@ class CastRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
-        self._all_sampled = bool(self._sampled.all())
         if self._undrafted:
             self._undrafted.intersection_update(self._flags_by_request)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
@@ -188,8 +187,9 @@ class CastRunnerMixin:
         self.cast_trees = {}  # consumed by this step's _prepare_inputs; refilled by drafting
         self.drafter.last_decision = None
         self._emitted_tokens, self._verified_drafts = self.input_batch.num_reqs, False
-        if spec_decode_metadata is None:
-            return super()._sample(logits, spec_decode_metadata)
+        if spec_decode_metadata is None or (self._root_candidates is None
+                                            and not any(spec_decode_metadata.num_draft_tokens)):
+            return super()._sample(logits, None)  # nothing drafted, nothing to learn: vLLM's sampler
         self.input_batch.update_async_output_token_ids()
         parents = [None if tree is None else tree.parents.tolist() for tree in self._step_trees]
         output, self._verdicts = verify_trees(
@@ -238,7 +238,8 @@ class CastRunnerMixin:
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
-        verify by sampling (``[B]`` bool; else greedy)? Memoised per request id."""
+        verify by sampling (``[B]`` bool; else greedy)? Memoised per request id; also sets
+        ``_all_sampled``."""
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         if list(self._flags_by_request) == req_ids:
             return self._plain, self._sampled  # same batch as last step
@@ -251,6 +252,7 @@ class CastRunnerMixin:
             req_id: known[req_id] if req_id in known else flags(self.requests[req_id].sampling_params)
             for req_id in req_ids}
         values = list(self._flags_by_request.values())
+        self._all_sampled = all(sampled for _, sampled in values)
         return [plain for plain, _ in values], torch.tensor([sampled for _, sampled in values], dtype=torch.bool)
 
     def _moved_paths(self) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -66,11 +66,11 @@ class CastCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         self._set_isa_to_layers(layer_names)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> CastCPUAttentionMetadata:
+              fast_build: bool = False) -> CPUAttentionMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = current_plan()
         if not plan:
-            return CastCPUAttentionMetadata(**vars(base))
+            return base  # all causal: vLLM's metadata as is
         tree = prepare_tree(plan, base.block_table, common_attn_metadata.query_start_loc_cpu.tolist(),
                             self.block_size, common_attn_metadata.num_actual_tokens)
         return CastCPUAttentionMetadata(**vars(base), tree=tree,
