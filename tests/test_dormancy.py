@@ -90,9 +90,18 @@ def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_ca
 
 def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, monkeypatch):
     """Speculation hopeless (forced): the batch's requests skip the draft from their prompt
-    on and never get drafts, nothing is stashed, and output stays vanilla's."""
+    on and never get drafts, nothing is stashed, their decode steps run as vLLM's plain
+    decoding (no drafter call), and output stays vanilla's."""
     runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
+    drafting_calls_on_decode_steps = []
+    propose = runner.propose_draft_token_ids
+
+    def counted_propose(*args, **kwargs):
+        drafting_calls_on_decode_steps.append(runner._decode_only)
+        return propose(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "propose_draft_token_ids", counted_propose)
     prompts = load_prompts("sum", limit=8)
     before = cast_stats(default_cast_llm)
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -100,3 +109,5 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert after["undrafted_requests"] - before["undrafted_requests"] == len(prompts)
     assert after["verified_drafts"] == before["verified_drafts"], "an undrafted request was given drafts"
     assert runner.drafter.dormancy.stashed_rows == 0
+    assert drafting_calls_on_decode_steps, "the prompt steps never reached the drafter"
+    assert not any(drafting_calls_on_decode_steps), "a decode step of undrafted requests took the speculative path"

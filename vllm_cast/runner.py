@@ -103,11 +103,28 @@ class CastRunnerMixin:
         spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
         self._decode_only = (scheduler_output.total_num_scheduled_tokens
                              == len(scheduler_output.num_scheduled_tokens) + spec_tokens)
+        plain = self._is_plain_step(scheduler_output, spec_tokens)
+        self.speculative_config = None if plain else self.vllm_config.speculative_config
+        if plain:
+            self._root_candidates = None
+            self.drafter.skipped_steps += 1
         return super().execute_model(scheduler_output, intermediate_tensors)
+
+    def _is_plain_step(self, scheduler_output, spec_tokens: int) -> bool:
+        """Whether this step runs as vLLM's plain decoding (no speculative path at all: no
+        spec-decode metadata, no drafter call): a decode-only step without draft tokens
+        whose requests are all undrafted, under synchronous scheduling (vLLM's async
+        path hands sampled tokens to the drafter's next step)."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        return (spec_tokens == 0 and self._decode_only and bool(scheduled) and not self.use_async_scheduling
+                and all(req_id in self._undrafted for req_id in scheduled))
 
     def sample_tokens(self, grammar_output):
         predicted_verify = self._predicted_verify_seconds
-        output = super().sample_tokens(grammar_output)
+        try:
+            output = super().sample_tokens(grammar_output)
+        finally:
+            self.speculative_config = self.vllm_config.speculative_config
         self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
