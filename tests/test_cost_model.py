@@ -35,6 +35,20 @@ def test_grid_points_are_exact_and_between_is_linear():
     assert table.target(64, 99999, 99) == pytest.approx(table.target(16, 1024, 16))
 
 
+def test_a_stalled_cell_is_priced_by_the_larger_cells_around_it():
+    """One slow sample (a stall while timing B=1, c=128, n=1) must not price every plain
+    step: the profiled grid is lowered to its monotone envelope; clean cells keep their time."""
+    def timer(b, c, n):
+        clean = 1.0 + 0.1 * b * n + 0.001 * c
+        return clean * 3.0 if (b, c, n) == (1, 128, 1) else clean
+
+    table = profile_table(KEY, timer, timer, [1, 4], [128, 1024], [1, 2, 4], progress=False)
+    assert table.target(1, 128, 1) == pytest.approx(timer(1, 128, 2))  # the nearest larger cell
+    assert table.target(4, 1024, 4) == pytest.approx(timer(4, 1024, 4))
+    for axis in range(3):
+        assert (table.target_seconds.diff(dim=axis) >= 0).all()
+
+
 def test_step_costs_are_normalised_by_one_target_token():
     costs = synthetic_table().at(batch_size=4, context=128, max_tokens=8)
     assert costs.target_ratio()[1] == pytest.approx(1.0)

@@ -18,7 +18,7 @@ import torch
 
 from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
-TABLE_FORMAT = 3
+TABLE_FORMAT = 4
 
 
 class CostTableError(ValueError):
@@ -240,6 +240,17 @@ ForwardTimer = Callable[[int, int, int], float]
 """(batch_size, context, new_tokens) -> median seconds of one forward."""
 
 
+def monotone_from_below(grid: torch.Tensor) -> torch.Tensor:
+    """The largest grid ``<= grid`` that never decreases along any axis (batch size,
+    context, new tokens): each cell becomes the minimum over the cells at least as large
+    on every axis. A forward never gets cheaper with more sequences, context or tokens, so
+    a cell above a larger one is timing noise (a stall during its few repeats); lowering it
+    keeps one slow sample from pricing, say, every plain step of a batch size."""
+    for axis in range(grid.dim()):
+        grid = grid.flip(axis).cummin(axis).values.flip(axis)
+    return grid
+
+
 def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardTimer, batch_sizes: list[int],
                   contexts: list[int], new_tokens: list[int], time_chain_target: ForwardTimer | None = None,
                   time_chain_draft: ForwardTimer | None = None, progress: bool = True) -> CostTable:
@@ -262,4 +273,6 @@ def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardT
             chain[i, j, k] = time_chain_target(b, c, n) if n > 1 else target[i, j, k]
         if chain_draft is not None:
             chain_draft[i, j, k] = time_chain_draft(b, c, n) if n > 1 else draft[i, j, k]
+    target, draft, chain, chain_draft = (None if grid is None else monotone_from_below(grid)
+                                         for grid in (target, draft, chain, chain_draft))
     return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft, chain, chain_draft)

@@ -34,11 +34,13 @@ def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: 
     Returns an index in ``[base, len(utility) - 1]``."""
     u = np.asarray(utility, dtype=np.float64).tolist()
     c = running_max(cost).tolist()
+    slack = threshold * (1 - TIE_TOLERANCE)
     anchor = base
+    u_anchor, c_anchor = u[base], c[base]
     for k in range(base + 1, len(u)):
-        gain = u[k] - u[anchor]
-        if gain > 0 and gain >= threshold * (c[k] - c[anchor]) * (1 - TIE_TOLERANCE):
-            anchor = k
+        gain = u[k] - u_anchor
+        if gain > 0 and gain >= slack * (c[k] - c_anchor):
+            anchor, u_anchor, c_anchor = k, u[k], c[k]
     return anchor
 
 

@@ -146,34 +146,35 @@ class CastTreeBuilder:
         self.pool_draft_probs.append(probs.reshape(probs.shape[0], -1))
         return probs if self.calibrate is None else self.calibrate(probs)
 
-    def _add_candidates(self, tokens: np.ndarray, values: np.ndarray, parents: np.ndarray) -> np.ndarray:
-        """Append candidates ``[B, C]`` to the pool; return their pool indices ``[B, C]``."""
-        count = tokens.shape[1]
-        index = np.broadcast_to(np.arange(self.pool_size, self.pool_size + count), tokens.shape)
+    def _add_candidates(self, tokens: np.ndarray, values: np.ndarray, parents: np.ndarray) -> int:
+        """Append candidates ``[B, C]`` to the pool; return the pool index of the first
+        (candidate ``j`` of every row gets pool index ``first + j``)."""
+        first, count = self.pool_size, tokens.shape[1]
         self.pool_tokens.append(tokens)
-        self.pool_value_array = values if self.pool_size == 1 else np.concatenate([self.pool_value_array, values], 1)
+        self.pool_value_array = values if first == 1 else np.concatenate([self.pool_value_array, values], 1)
         self.pool_parents.append(parents)
         self.pool_depths = np.concatenate([self.pool_depths, np.full(count, len(self.decision.widths) + 1)])
         self.pool_size += count
-        return index
+        return first
 
-    def _prune_and_continue(self, tokens: np.ndarray, values: np.ndarray, parent_slot: np.ndarray,
-                            pool_index: np.ndarray) -> Frontier | None:
-        """Breadth-prune one layer's candidates ``[B, C]``; decide on depth; return the
-        frontier to expand or None to stop drafting."""
+    def _prune_and_continue(self, tokens: np.ndarray, values: np.ndarray, first_pool_index: int,
+                            siblings: int) -> Frontier | None:
+        """Breadth-prune one layer's candidates ``[B, C]`` (``siblings`` consecutive
+        candidates share a parent, the previous frontier's slot ``column // siblings``);
+        decide on depth; return the frontier to expand or None to stop drafting."""
         counted = self._expansion_values(values)
         # By counted value, ties by real value: counted values are the value or 0, values <= 1.
-        order = _descending(counted + (counted > 0) * 2.0 + values * (counted == 0))
+        order = _descending(values + 2.0 * (counted > 0))
         per_row = np.zeros((values.shape[0], self.k + 1))  # every layer has at least K candidates
         np.cumsum(_gather(counted, order[:, : self.k]), axis=1, out=per_row[:, 1:])
         cost = self.breadth_cost
-        batch_utility = per_row.sum(0) / per_row.shape[0]
+        batch_utility = per_row.mean(0)
         if self.per_request:
             widths = batched_select_max_valid_index(per_row, cost, self.params.breadth_threshold, base=1)
             width = int(widths.max())
         else:
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
-            widths = np.full(values.shape[0], width)
+            widths = None
         kept_utility = float(batch_utility[width])
         self.decision.widths.append(width)
         if self.prev_utility is not None and self.prev_utility > 0:
@@ -188,14 +189,12 @@ class CastTreeBuilder:
         self.drafting_cost += float(cost[width])
         keep = order[:, :width]
         kept_values = _gather(values, keep)
-        valid = (np.arange(width)[None, :] < widths[:, None]) & (kept_values > 0)
+        valid = kept_values > 0
+        if widths is not None:
+            valid &= np.arange(width)[None, :] < widths[:, None]
         self.frontier_values = kept_values * valid
-        self.frontier = Frontier(
-            tokens=_gather(tokens, keep),
-            parent_slot=_gather(parent_slot, keep),
-            valid=valid,
-            pool_index=_gather(pool_index, keep),
-        )
+        self.frontier = Frontier(tokens=_gather(tokens, keep), parent_slot=keep // siblings if siblings else np.full_like(keep, -1),
+                                 valid=valid, pool_index=keep + first_pool_index)
         return self.frontier
 
     def _depth_threshold(self) -> float:
@@ -230,7 +229,7 @@ class CastTreeBuilder:
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            count = select_max_valid_index(per_row.sum(0) / b, cost.max(0), self.params.verify_threshold)
+            count = select_max_valid_index(per_row.mean(0), cost.max(0), self.params.verify_threshold)
             counts = np.full(b, count)
         return np.minimum(counts, (values > 0).sum(1))
 
@@ -263,8 +262,8 @@ class CastTreeBuilder:
         """Layer 1 from the root's top-K draft probabilities (float64) and tokens (int64), ``[B, K]``."""
         values = self._child_factors(probs)
         self.root_candidates = (tokens, self.pool_draft_probs[0])
-        pool_index = self._add_candidates(tokens, values, np.zeros_like(tokens))
-        return self._prune_and_continue(tokens, values, np.full_like(tokens, -1), pool_index)
+        first = self._add_candidates(tokens, values, np.zeros_like(tokens))
+        return self._prune_and_continue(tokens, values, first, siblings=0)
 
     def expand(self, child_probs: torch.Tensor) -> Frontier | None:
         """Next layer from the draft distributions at the frontier nodes, ``[B, W, V]``."""
@@ -276,10 +275,8 @@ class CastTreeBuilder:
         b, w, _ = probs.shape
         values = (self.frontier_values[:, :, None] * self._child_factors(probs)).reshape(b, w * self.k)
         tokens = tokens.reshape(b, w * self.k)
-        parents = np.repeat(self.frontier.pool_index, self.k, axis=1)
-        parent_slot = np.broadcast_to(np.repeat(np.arange(w), self.k), (b, w * self.k))
-        pool_index = self._add_candidates(tokens, values, parents)
-        return self._prune_and_continue(tokens, values, parent_slot, pool_index)
+        first = self._add_candidates(tokens, values, np.repeat(self.frontier.pool_index, self.k, axis=1))
+        return self._prune_and_continue(tokens, values, first, siblings=self.k)
 
     def finish(self, root_tokens: torch.Tensor, max_nodes_per_request: torch.Tensor | None = None) -> list[FlatTree]:
         """Dynamic reranking: the verified trees, one per request (root first).
