@@ -6,7 +6,7 @@ import torch
 
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
-from vllm_cast.step_overheads import MIN_SAMPLES, StepOverheads, batch_bucket
+from vllm_cast.step_overheads import MIN_SAMPLES, RESOLUTION_SECONDS, StepOverheads, batch_bucket
 from vllm_cast.tree_builder import CastTreeBuilder
 
 
@@ -42,6 +42,21 @@ def test_overheads_apply_after_enough_samples_as_a_robust_median():
     first_pass = float(adjusted.causal_draft_curve()[1] - costs.causal_draft_curve()[1])
     assert abs(first_pass - 0.4) < 1e-9, "first pass: 2.0 - 1.2 (the layers) - 0.4 (predicted)"
     assert overheads.adjust(16, costs) is costs, "other batch sizes are not affected"
+
+
+def test_adjusted_costs_are_reused_until_an_overhead_moves_by_the_resolution():
+    overheads = StepOverheads()
+    costs = _costs(0.05)
+    for _ in range(MIN_SAMPLES):
+        overheads.record_plain(1, measured=1.5, predicted=1.0)
+    adjusted = overheads.adjust(1, costs)
+    overheads.record_plain(1, measured=1.5 + RESOLUTION_SECONDS / 10, predicted=1.0)
+    assert overheads.adjust(1, costs) is adjusted, "a sub-resolution move rebuilt the curves"
+    for _ in range(MIN_SAMPLES + 1):
+        overheads.record_plain(1, measured=1.5 + 3 * RESOLUTION_SECONDS, predicted=1.0)
+    moved = overheads.adjust(1, costs)
+    assert torch.allclose(moved.target[1:], costs.target[1:] + 0.5 + 3 * RESOLUTION_SECONDS)
+    assert overheads.adjust(1, _costs(0.1)) is not moved, "other table costs share the memo"
 
 
 def _verified(chain_slope: float) -> tuple[int, bool]:

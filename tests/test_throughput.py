@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from vllm_cast.runner import CastRunnerMixin
 from vllm_cast.step_overheads import MIN_SAMPLES
 from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
+from vllm_cast.tree_builder import StepDecision
 
 
 def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, tokens: int, seconds: float,
@@ -59,3 +63,16 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert not throughput.measured_slower(4, False), "speculation is measured afresh"
     _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
     assert throughput.measured_slower(4, False)
+
+
+def test_a_decode_step_is_no_sample_the_first_time_it_runs_a_shape():
+    """Kernels are set up per token count on first use; such a step must not be measured."""
+    runner = SimpleNamespace(_step_tokens=5, _seen_forward_shapes=set())
+    first_run = CastRunnerMixin._first_run_of_a_shape
+    drafted = StepDecision(draft_forward_tokens=[5, 1, 1])
+    assert first_run(runner, drafted), "nothing had run yet"
+    assert not first_run(runner, drafted), "same target and draft shapes again"
+    assert first_run(runner, StepDecision(draft_forward_tokens=[5, 3])), "a draft layer of 3 rows is new"
+    runner._step_tokens = 1
+    assert first_run(runner, None), "a plain step of 1 token is a new target shape"
+    assert not first_run(runner, None)

@@ -8,12 +8,14 @@ interpolate linearly between grid points in all three axes and clamp outside the
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
@@ -94,6 +96,14 @@ class StepCosts:
     def chain_target_ratio(self) -> torch.Tensor:
         """Cost of verifying a chain, same units as :meth:`target_ratio`."""
         return self.verify_curve(chain=True) / self.target[1]
+
+    @functools.cached_property
+    def unit_curves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`draft_ratio`, :meth:`target_ratio` and :meth:`chain_target_ratio` as
+        float64 numpy arrays (computed once per costs object: the tree builder reads them
+        every step)."""
+        return tuple(curve.numpy().astype(np.float64)
+                     for curve in (self.draft_ratio(), self.target_ratio(), self.chain_target_ratio()))
 
 
 def _interp_axis(grid: list[int], value: float) -> tuple[int, int, float]:

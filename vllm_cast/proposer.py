@@ -147,7 +147,8 @@ class CastProposer(EagleProposer):
                 target_token_ids, target_positions, target_hidden_states, common_attn_metadata, \
                     token_indices_to_sample = replayed
                 num_rejected_tokens_gpu = None
-        first_pass_rows = target_token_ids.shape[0] / batch  # rows per request in the first pass
+        first_pass_tokens = target_token_ids.shape[0]
+        first_pass_rows = first_pass_tokens / batch  # rows per request in the first pass
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
@@ -181,7 +182,7 @@ class CastProposer(EagleProposer):
         caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         decision = self.last_decision = builder.decision
-        decision.draft_passes = 1 + len(forwarded_widths)
+        decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
         decision.measured_layer_seconds = layer_seconds
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)

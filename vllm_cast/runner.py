@@ -29,6 +29,7 @@ from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.stats import CastStats
 from vllm_cast.tree import FlatTree, ancestor_mask, depths
+from vllm_cast.tree_builder import StepDecision
 from vllm_cast.tree_sampler import GREEDY_EPS, TreeVerdicts, needs_logits_processing, verify_trees
 
 
@@ -67,6 +68,9 @@ class CastRunnerMixin:
         self._emitted_tokens = 0
         self._verified_drafts = False
         self._decode_only = False
+        self._step_tokens = 0
+        self._seen_forward_shapes: set[tuple[str, int]] = set()
+        """(model, token rows) of every forward run so far (see ``_first_run_of_a_shape``)."""
         self._predicted_verify_seconds: float | None = None
         self._root_candidates: tuple[list[str], np.ndarray, np.ndarray] | None = None
         """Last drafting step's request ids and their top-K first draft tokens and
@@ -100,6 +104,7 @@ class CastRunnerMixin:
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._step_started = time.perf_counter()
+        self._step_tokens = scheduler_output.total_num_scheduled_tokens
         spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
         self._decode_only = (scheduler_output.total_num_scheduled_tokens
                              == len(scheduler_output.num_scheduled_tokens) + spec_tokens)
@@ -135,8 +140,9 @@ class CastRunnerMixin:
         steps) and, for decode-only steps, the drafter's measured overheads: the step
         outside its drafting call against its target forward (plain or verifying), and
         the drafting call against its draft passes (not for probes replaying dormant rows).
-        Every decode-only step is a throughput sample; on other steps the drafting call is
-        charged to speculation (vllm_cast.throughput)."""
+        Every decode-only step is a throughput sample unless it ran a shape for the first
+        time; on other steps the drafting call is charged to speculation (vllm_cast.throughput:
+        prompts' lengths vary, so set-up of new shapes is a real cost of drafting them)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
@@ -147,6 +153,8 @@ class CastRunnerMixin:
             if decision is not None:
                 self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds)
             return
+        if self._first_run_of_a_shape(decision):
+            return
         if predicted_verify is None:
             predicted_verify = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
         drafting = 0.0 if decision is None else self._drafting_seconds
@@ -154,9 +162,20 @@ class CastRunnerMixin:
         if decision is not None and not decision.replayed:
             layers = decision.predicted_layer_seconds
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds - layers,
-                                                   decision.measured_layer_seconds, layers, decision.draft_passes - 1)
+                                                   decision.measured_layer_seconds, layers, len(decision.draft_forward_tokens) - 1)
         self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts or decision is not None,
                                        self._emitted_tokens, measured)
+
+    def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
+        """Whether this decode step ran a forward over a token count its model had not run
+        before: kernels are set up per shape on first use (oneDNN primitives on CPU: several
+        ms), so the step is no sample of what its shapes cost. Notes the shapes."""
+        shapes = {("target", self._step_tokens)}
+        if decision is not None:
+            shapes.update(("draft", tokens) for tokens in decision.draft_forward_tokens)
+        first_run = not shapes <= self._seen_forward_shapes
+        self._seen_forward_shapes |= shapes
+        return first_run
 
     def _mean_context(self, batch: int) -> float:
         """Tokens already computed per request, averaged over the first ``batch`` rows."""

@@ -62,6 +62,13 @@ class RecentMedians:
         return sorted(self.samples)
 
 
+RESOLUTION_SECONDS = 1e-5
+"""Overheads are added in steps of 10 us, so an adjusted curve is reused while its bucket's
+medians move less than that."""
+ADJUSTED_KEPT = 1024
+"""Adjusted cost curves kept for reuse (the memo is emptied when it reaches this size)."""
+
+
 class StepOverheads:
     """Unpriced seconds per step (plain), per drafting call (first pass) and per tree
     layer, by batch-size bucket."""
@@ -70,6 +77,8 @@ class StepOverheads:
         self.plain = RecentMedians()
         self.first_pass = RecentMedians()
         self.per_layer = RecentMedians()
+        self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, int, int], StepCosts]] = {}
+        """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps, adjusted costs)."""
 
     @staticmethod
     def _median(samples: RecentMedians, bucket: int) -> float:
@@ -93,17 +102,26 @@ class StepOverheads:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
         cheaper than its forwards)."""
         bucket = batch_bucket(batch_size)
-        plain, first_pass, per_layer = (max(self._median(samples, bucket), 0.0)
-                                        for samples in (self.plain, self.first_pass, self.per_layer))
-        if plain == 0.0 and first_pass == 0.0 and per_layer == 0.0:
+        steps = tuple(round(max(self._median(samples, bucket), 0.0) / RESOLUTION_SECONDS)
+                      for samples in (self.plain, self.first_pass, self.per_layer))
+        if not any(steps):
             return costs
+        memo_key = (bucket, id(costs))
+        known = self._adjusted.get(memo_key)
+        if known is not None and known[0] is costs and known[1] == steps:
+            return known[2]
+        plain, first_pass, per_layer = (step * RESOLUTION_SECONDS for step in steps)
 
         def shifted(curve, by: float):
             return None if curve is None else torch.where(curve > 0, curve + by, curve)
 
-        return dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted(costs.target, plain),
-                                   chain_target=shifted(costs.chain_target, plain),
-                                   chain_draft=shifted(costs.causal_draft_curve(), first_pass))
+        adjusted = dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted(costs.target, plain),
+                                       chain_target=shifted(costs.chain_target, plain),
+                                       chain_draft=shifted(costs.causal_draft_curve(), first_pass))
+        if len(self._adjusted) >= ADJUSTED_KEPT:
+            self._adjusted.clear()
+        self._adjusted[memo_key] = (costs, steps, adjusted)
+        return adjusted
 
     def summary(self) -> dict[str, float]:
         """Current medians in milliseconds, keyed ``<plain|first_pass|per_layer>_ms_b<bucket>``."""

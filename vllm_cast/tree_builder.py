@@ -55,8 +55,8 @@ class StepDecision:
     expected_accepted: float = 0.0
     predicted_draft_seconds: float = 0.0
     """Cost table's time for this step's draft passes (first pass + one per tree layer)."""
-    draft_passes: int = 0
-    """Draft forwards run this step (first pass + tree layers)."""
+    draft_forward_tokens: list[int] = field(default_factory=list)
+    """Token rows of each draft forward run this step (first pass, then each tree layer)."""
     predicted_layer_seconds: float = 0.0
     """Of which the tree layers."""
     measured_layer_seconds: float = 0.0
@@ -106,9 +106,7 @@ class CastTreeBuilder:
         self.k = params.node_top_k
         self.per_request = params.decision_scope == "request"
         self.max_nodes = max_nodes
-        self.draft_cost = costs.draft_ratio().numpy().astype(np.float64)
-        self.target_cost = costs.target_ratio().numpy().astype(np.float64)
-        self.chain_target_cost = costs.chain_target_ratio().numpy().astype(np.float64)
+        self.draft_cost, self.target_cost, self.chain_target_cost = costs.unit_curves
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         self.added_verify_cost = {chain: curve[1:] - curve[1] for chain, curve in
