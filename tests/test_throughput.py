@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from vllm_cast.config import CastParams
+from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
 from vllm_cast.step_overheads import MIN_SAMPLES
 from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
@@ -46,6 +48,8 @@ def test_drafting_new_prompts_is_charged_to_speculation():
     assert not throughput.measured_slower(4, False)
     throughput.record_prompt_drafting(4, False, seconds=0.040)  # the draft's pass over a new batch's prompts
     assert throughput.measured_slower(4, False), "32 tokens in 80 ms: 400 tokens/s"
+    throughput.record_prompt_drafting(4, False, seconds=0.004, accepted_drafts=40)  # decoding requests' gains
+    assert not throughput.measured_slower(4, False), "72 tokens in 84 ms: 857 tokens/s"
 
 
 def test_measured_slower_speculation_holds_until_its_samples_are_stale():
@@ -76,3 +80,15 @@ def test_a_decode_step_is_no_sample_the_first_time_it_runs_a_shape():
     runner._step_tokens = 1
     assert first_run(runner, None), "a plain step of 1 token is a new target shape"
     assert not first_run(runner, None)
+
+
+def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():
+    """The proposer memoises its priced verdict per (batch, context bucket, mode); a later
+    measurement that speculating is slower must still make speculation hopeless there."""
+    throughput = MeasuredThroughput()
+    proposer = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
+                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False)
+    assert not CastProposer.speculation_hopeless(proposer, 16, 300.0, False), "priced: a chain can pay"
+    _record(throughput, 16, speculative=True, tokens=20, seconds=0.020)  # 1000 tokens/s
+    _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
+    assert CastProposer.speculation_hopeless(proposer, 16, 300.0, False)

@@ -198,19 +198,25 @@ class CastProposer(EagleProposer):
             self.dormancy.wake()
         else:
             self.dormancy.enter()
-        decision.predicted_draft_seconds = pricing.draft_seconds(table_costs, forwarded_widths, first_pass_rows)
         decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, forwarded_widths)
+        decision.predicted_draft_seconds = (pricing.first_pass_seconds(table_costs, first_pass_rows)
+                                            + decision.predicted_layer_seconds)
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
-        """Whether no chain can beat plain decoding at this batch size: with the learned
+        """Whether no chain can beat plain decoding at this batch size: speculating measured
+        slower than plain decoding here (vllm_cast.throughput), or with the learned
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
         tokens never pay for drafting ``d`` tokens and verifying them (see
-        ``pricing.no_chain_can_pay``), or speculating measured slower than plain decoding
-        here. Then the batch's requests are not drafted at all (the runner's
-        ``_skip_drafting``). Verdicts are memoised per batch size, context bucket and mode,
-        and all forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
+        ``pricing.no_chain_can_pay``). Then the batch's requests are not drafted at all (the
+        runner's ``_skip_drafting``). The measured verdict is read afresh on every call; the
+        priced one is memoised per batch size, context bucket and mode, and all priced
+        verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
+        if self.cost_source is None or not self.cast_params.decline_unprofitable:
+            return False
+        if self.throughput.measured_slower(batch_size, all_sampled):
+            return True
         self._hopeless_calls += 1
         if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
             self._hopeless_memo.clear()
@@ -220,13 +226,8 @@ class CastProposer(EagleProposer):
         return self._hopeless_memo[key]
 
     def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
-        """:meth:`speculation_hopeless`, computed afresh (greedy rate unless every request
-        samples); also hopeless while speculating measured slower than plain decoding at this
-        batch size (vllm_cast.throughput)."""
-        if self.cost_source is None or not self.cast_params.decline_unprofitable:
-            return False
-        if self.throughput.measured_slower(batch_size, all_sampled):
-            return True
+        """The priced half of :meth:`speculation_hopeless`, computed afresh (greedy rate
+        unless every request samples)."""
         rate = self.calibrator.first_rank_rate(sampled=all_sampled)
         if rate is None:
             return False

@@ -151,7 +151,8 @@ class CastRunnerMixin:
         batch = self.input_batch.num_reqs
         if not self._decode_only:
             if decision is not None:
-                self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds)
+                self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds,
+                                                               max(self._emitted_tokens - batch, 0))
             return
         if self._first_run_of_a_shape(decision):
             return
@@ -369,13 +370,15 @@ class CastRunnerMixin:
         undrafted = self._undrafted
         keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
         if keep.any():
-            if self.drafter.speculation_hopeless(len(req_ids), self._mean_context(len(req_ids)), self._all_sampled):
+            starts = self.query_start_loc.np[: len(req_ids) + 1]
+            lengths = starts[1:] - starts[:-1]
+            # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
+            context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + lengths).mean())
+            if self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
                 self._undraft(req_ids, keep)
                 keep[:] = False
                 dormancy.forget()
             else:
-                starts = self.query_start_loc.np[: len(req_ids) + 1]
-                lengths = starts[1:] - starts[:-1]
                 if not dormancy.should_skip(int(lengths[keep].sum())):
                     return False
                 self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
@@ -384,16 +387,11 @@ class CastRunnerMixin:
 
     def _remember_rows(self, req_ids: list[str], keep: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                        aux_hidden_states: list[torch.Tensor]) -> None:
-        """Hand the dormancy stash the rows of the requests at ``keep`` (bool ``[B]``)."""
-        if keep.all():
-            total = int(starts[-1])
-            self.drafter.dormancy.remember(
-                req_ids, self.input_ids.gpu[:total].clone(), self.positions[:total].clone(),
-                torch.cat([h[:total] for h in aux_hidden_states], dim=-1), starts.tolist())
-            return
+        """Hand the dormancy stash copies of the rows of the requests at ``keep`` (bool ``[B]``)."""
         kept = np.flatnonzero(keep)
-        rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in kept]))
-        rows = rows.to(self.input_ids.gpu.device)
+        rows = np.arange(starts[-1]) if keep.all() else np.concatenate([np.arange(starts[i], starts[i + 1])
+                                                                       for i in kept])
+        rows = torch.from_numpy(rows).to(self.input_ids.gpu.device)
         self.drafter.dormancy.remember([req_ids[i] for i in kept], self.input_ids.gpu[rows], self.positions[rows],
                                        torch.cat([h[rows] for h in aux_hidden_states], dim=-1),
                                        np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())

@@ -43,23 +43,34 @@ def batch_bucket(batch_size: int) -> int:
     return max(batch_size - 1, 0).bit_length()
 
 
-class RecentMedians:
-    """Per key, the last ``WINDOW`` samples and their median: the robust running estimate
-    kept per batch-size bucket."""
+class RecentWindows:
+    """Per key, the last ``size`` entries (the running windows CAST's measurements keep per
+    batch-size bucket)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.windows: dict[Hashable, deque] = {}
+
+    def add(self, key: Hashable, entry) -> None:
+        self.windows.setdefault(key, deque(maxlen=self.size)).append(entry)
+
+    def forget(self, key: Hashable) -> None:
+        self.windows.pop(key, None)
+
+    def keys(self) -> list:
+        return sorted(self.windows)
+
+
+class RecentMedians(RecentWindows):
+    """The median of each key's last ``WINDOW`` samples: the robust running estimate."""
 
     def __init__(self) -> None:
-        self.samples: dict[Hashable, deque[float]] = {}
-
-    def add(self, key: Hashable, sample: float) -> None:
-        self.samples.setdefault(key, deque(maxlen=WINDOW)).append(sample)
+        super().__init__(WINDOW)
 
     def median(self, key: Hashable, min_samples: int = MIN_SAMPLES) -> float | None:
         """Median of ``key``'s recent samples, or None while it has fewer than ``min_samples``."""
-        recent = self.samples.get(key)
+        recent = self.windows.get(key)
         return statistics.median(recent) if recent and len(recent) >= min_samples else None
-
-    def keys(self) -> list:
-        return sorted(self.samples)
 
 
 RESOLUTION_SECONDS = 1e-5

@@ -6,7 +6,8 @@ The cost table and the measured overheads price a step before it runs; whatever 
 tree size, machine noise) still shows in the wall time of the steps that ran. The runner
 records every decode-only step, speculative (it verified drafts or ran the drafter) or
 plain (neither), and charges the drafter's time on steps with new prompts (their draft
-first pass, which plain decoding never pays and short requests feel most) to speculation.
+first pass, which plain decoding never pays and short requests feel most) to speculation,
+crediting the drafts that step's decoding requests accepted.
 Per batch-size bucket and verification mode (greedy / all sampled) the tokens and seconds of
 the recent entries are pooled into tokens per second and compared; while speculating
 measures slower than plain decoding, the proposer declines its
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Hashable
 
-from vllm_cast.step_overheads import MIN_SAMPLES, batch_bucket
+from vllm_cast.step_overheads import MIN_SAMPLES, RecentWindows, batch_bucket
 
 WINDOW_ENTRIES = 32
 """Recent entries per (bucket, mode, kind) whose tokens and seconds are pooled."""
@@ -35,28 +36,19 @@ STALE_AFTER_PLAIN_STEPS = 1024
 drafting there (the workload may have changed: other prompts, other acceptance)."""
 
 
-class RecentTotals:
+class RecentTotals(RecentWindows):
     """Per key, the last ``WINDOW_ENTRIES`` (tokens, seconds) entries and their pooled rate."""
 
     def __init__(self) -> None:
-        self.entries: dict[Hashable, deque[tuple[int, float]]] = {}
-
-    def add(self, key: Hashable, tokens: int, seconds: float) -> None:
-        self.entries.setdefault(key, deque(maxlen=WINDOW_ENTRIES)).append((tokens, seconds))
+        super().__init__(WINDOW_ENTRIES)
 
     def rate(self, key: Hashable, min_steps: int = MIN_SAMPLES) -> float | None:
         """Tokens per second over the window, or None while it holds fewer than
         ``min_steps`` entries that emitted tokens."""
-        window = self.entries.get(key)
+        window = self.windows.get(key)
         if not window or sum(1 for tokens, _ in window if tokens) < min_steps:
             return None
         return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
-
-    def forget(self, key: Hashable) -> None:
-        self.entries.pop(key, None)
-
-    def keys(self) -> list:
-        return sorted(self.entries)
 
 
 class MeasuredThroughput:
@@ -73,18 +65,21 @@ class MeasuredThroughput:
         if seconds <= 0:
             return
         key = (batch_bucket(batch_size), all_sampled)
-        self.rates.add((*key, speculative), tokens, seconds)
+        self.rates.add((*key, speculative), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         if since >= STALE_AFTER_PLAIN_STEPS:
             self.rates.forget((*key, True))
             since = 0
         self.plain_steps_since_speculative[key] = since
 
-    def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float) -> None:
+    def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float,
+                               accepted_drafts: int = 0) -> None:
         """Seconds the draft spent on a step that was not decode-only (new prompts' first
-        pass): a cost of speculating that decode steps do not show, charged to it."""
+        pass): a cost of speculating that decode steps do not show, charged to it, with the
+        draft tokens the step's decoding requests accepted (what speculating gained on it
+        beyond plain decoding's one token per request) credited."""
         if seconds > 0:
-            self.rates.add((batch_bucket(batch_size), all_sampled, True), 0, seconds)
+            self.rates.add((batch_bucket(batch_size), all_sampled, True), (accepted_drafts, seconds))
 
     def _rates(self, batch_size: int, all_sampled: bool) -> tuple[float | None, float | None]:
         bucket = batch_bucket(batch_size)
