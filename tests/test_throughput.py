@@ -7,13 +7,12 @@ from types import SimpleNamespace
 from vllm_cast.config import CastParams
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.step_overheads import MIN_SAMPLES
-from vllm_cast.throughput import STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
+from vllm_cast.throughput import MIN_STEPS, STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
 from vllm_cast.tree_builder import StepDecision
 
 
 def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, tokens: int, seconds: float,
-            steps: int = MIN_SAMPLES, sampled: bool = False) -> None:
+            steps: int = MIN_STEPS, sampled: bool = False) -> None:
     for _ in range(steps):
         throughput.record(batch, sampled, speculative, tokens, seconds)
 
@@ -22,7 +21,7 @@ def test_speculation_measured_slower_than_plain_decoding_is_declined():
     throughput = MeasuredThroughput()
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
     assert not throughput.should_decline(16, False), "no speculative steps measured yet"
-    _record(throughput, 16, speculative=True, tokens=30, seconds=0.020, steps=MIN_SAMPLES - 1)  # 1500 tokens/s
+    _record(throughput, 16, speculative=True, tokens=30, seconds=0.020, steps=MIN_STEPS - 1)  # 1500 tokens/s
     assert not throughput.should_decline(16, False), "too few speculative steps"
     _record(throughput, 16, speculative=True, tokens=30, seconds=0.020, steps=1)
     assert throughput.should_decline(16, False)
@@ -46,10 +45,10 @@ def test_drafting_new_prompts_is_charged_to_speculation():
     _record(throughput, 4, speculative=True, tokens=8, seconds=0.010)  # 800 tokens/s per decode step
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)  # 667 tokens/s
     assert not throughput.measured_slower(4, False)
-    throughput.record_prompt_drafting(4, False, seconds=0.040)  # the draft's pass over a new batch's prompts
-    assert throughput.measured_slower(4, False), "32 tokens in 80 ms: 400 tokens/s"
-    throughput.record_prompt_drafting(4, False, seconds=0.004, accepted_drafts=40)  # decoding requests' gains
-    assert not throughput.measured_slower(4, False), "72 tokens in 84 ms: 857 tokens/s"
+    throughput.record_prompt_drafting(4, False, seconds=0.010 * MIN_STEPS)  # the draft's pass over new prompts
+    assert throughput.measured_slower(4, False), "8 tokens per 20 ms: 400 tokens/s"
+    throughput.record_prompt_drafting(4, False, seconds=0.001, accepted_drafts=8 * MIN_STEPS)  # decoding rows' gains
+    assert not throughput.measured_slower(4, False), "16 tokens per ~20 ms: ~800 tokens/s"
 
 
 def test_measured_slower_speculation_holds_until_its_samples_are_stale():
@@ -59,11 +58,11 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005)  # 800 tokens/s
     assert throughput.measured_slower(4, False)
     assert not throughput.measured_slower(4, True), "sampled verification is judged on its own"
-    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS - MIN_SAMPLES - 1)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS - MIN_STEPS - 1)
     assert throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=1)
     assert not throughput.measured_slower(4, False), "speculative samples this old are dropped"
-    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=MIN_SAMPLES - 1)
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=MIN_STEPS - 1)
     assert not throughput.measured_slower(4, False), "speculation is measured afresh"
     _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
     assert throughput.measured_slower(4, False)

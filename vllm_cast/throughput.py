@@ -26,10 +26,15 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Hashable
 
-from vllm_cast.step_overheads import MIN_SAMPLES, RecentWindows, batch_bucket
+from vllm_cast.step_overheads import RecentWindows, batch_bucket
 
 WINDOW_ENTRIES = 32
 """Recent entries per (bucket, mode, kind) whose tokens and seconds are pooled."""
+
+MIN_STEPS = 16
+"""Decode steps of a kind (emitting tokens) a bucket needs before its rate is compared: step
+times at one batch size vary with the tree shapes, the contexts and the machine, and a
+verdict holds for ``STALE_AFTER_PLAIN_STEPS`` steps."""
 
 STALE_AFTER_PLAIN_STEPS = 1024
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
@@ -42,7 +47,7 @@ class RecentTotals(RecentWindows):
     def __init__(self) -> None:
         super().__init__(WINDOW_ENTRIES)
 
-    def rate(self, key: Hashable, min_steps: int = MIN_SAMPLES) -> float | None:
+    def rate(self, key: Hashable, min_steps: int = MIN_STEPS) -> float | None:
         """Tokens per second over the window, or None while it holds fewer than
         ``min_steps`` entries that emitted tokens."""
         window = self.windows.get(key)
@@ -54,7 +59,7 @@ class RecentTotals(RecentWindows):
 class MeasuredThroughput:
     """Tokens per second of speculative and plain decoding (see module doc) per (bucket,
     mode, kind), pooled over each one's last ``WINDOW_ENTRIES`` entries, compared once both
-    kinds have ``step_overheads.MIN_SAMPLES`` steps."""
+    kinds have ``MIN_STEPS`` steps."""
 
     def __init__(self) -> None:
         self.rates = RecentTotals()
@@ -88,8 +93,7 @@ class MeasuredThroughput:
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether to decline speculation at this batch size and mode: it measured fewer
         tokens per second than plain decoding, or plain decoding was never measured here
-        (explore it). False until speculative steps have ``MIN_SAMPLES`` samples
-        (vllm_cast.step_overheads)."""
+        (explore it). False until speculative steps have ``MIN_STEPS`` samples."""
         speculative, plain = self._rates(batch_size, all_sampled)
         return speculative is not None and (plain is None or speculative < plain)
 
