@@ -66,6 +66,13 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert not throughput.measured_slower(4, False), "speculation is measured afresh"
     _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
     assert throughput.measured_slower(4, False)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS)
+    assert throughput.measured_slower(4, False), "confirmed slower once more: the next wait is twice as long"
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS)
+    assert not throughput.measured_slower(4, False)
+    _record(throughput, 4, speculative=True, tokens=12, seconds=0.010)  # 1200 tokens/s: pays now
+    assert not throughput.measured_slower(4, False)
+    assert throughput.stale_after.get((2, False), STALE_AFTER_PLAIN_STEPS) == STALE_AFTER_PLAIN_STEPS
 
 
 def test_a_decode_step_is_no_sample_the_first_time_it_runs_a_shape():

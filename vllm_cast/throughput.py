@@ -39,7 +39,13 @@ as long as that takes: 16 measured 0.85x of vanilla at T=1 B=1 against ~1.0x wit
 
 STALE_AFTER_PLAIN_STEPS = 1024
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
-drafting there (the workload may have changed: other prompts, other acceptance)."""
+drafting there (the workload may have changed: other prompts, other acceptance). Each time
+they go stale the next wait doubles, up to ``LONGEST_STALE_AFTER``; it is back to this once
+speculating measures no slower than plain decoding (re-measuring drafts new prompts and
+speculates for a few steps: repeated every 1024 steps it cost 5-15% of a 32-token workload
+at B=16 where speculation never pays)."""
+
+LONGEST_STALE_AFTER = 16 * STALE_AFTER_PLAIN_STEPS
 
 
 class RecentTotals(RecentWindows):
@@ -65,6 +71,8 @@ class MeasuredThroughput:
     def __init__(self) -> None:
         self.rates = RecentTotals()
         self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
+        self.stale_after: dict[tuple[int, bool], int] = {}
+        """Per (bucket, mode): plain steps until its speculative samples go stale."""
 
     def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> None:
         """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``."""
@@ -73,8 +81,10 @@ class MeasuredThroughput:
         key = (batch_bucket(batch_size), all_sampled)
         self.rates.add((*key, speculative), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
-        if since >= STALE_AFTER_PLAIN_STEPS:
+        stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
+        if since >= stale_after:
             self.rates.forget((*key, True))
+            self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
 
@@ -100,9 +110,14 @@ class MeasuredThroughput:
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether both kinds are measured at this batch size and mode and speculating is
-        slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps)."""
+        slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then
+        after twice as many, ...)."""
         speculative, plain = self._rates(batch_size, all_sampled)
-        return speculative is not None and plain is not None and speculative < plain
+        if speculative is None or plain is None:
+            return False
+        if speculative >= plain:
+            self.stale_after.pop((batch_bucket(batch_size), all_sampled), None)
+        return speculative < plain
 
     def summary(self) -> dict[str, float]:
         """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
