@@ -158,8 +158,9 @@ class CastTreeBuilder:
     def _prune_and_continue(self, tokens: np.ndarray, values: np.ndarray, first_pool_index: int,
                             siblings: int) -> Frontier | None:
         """Breadth-prune one layer's candidates ``[B, C]`` (``siblings`` consecutive
-        candidates share a parent, the previous frontier's slot ``column // siblings``);
-        decide on depth; return the frontier to expand or None to stop drafting."""
+        candidates share a parent, the previous frontier's slot ``column // siblings``; 0:
+        children of the root, slot -1); decide on depth; return the frontier to expand or
+        None to stop drafting."""
         counted = self._expansion_values(values)
         # By counted value, ties by real value: counted values are the value or 0, values <= 1.
         order = _descending(values + 2.0 * (counted > 0))
@@ -191,8 +192,9 @@ class CastTreeBuilder:
         if widths is not None:
             valid &= np.arange(width)[None, :] < widths[:, None]
         self.frontier_values = kept_values * valid
-        self.frontier = Frontier(tokens=_gather(tokens, keep), parent_slot=keep // siblings if siblings else np.full_like(keep, -1),
-                                 valid=valid, pool_index=keep + first_pool_index)
+        parent_slot = keep // siblings if siblings else np.full_like(keep, -1)
+        self.frontier = Frontier(tokens=_gather(tokens, keep), parent_slot=parent_slot, valid=valid,
+                                 pool_index=keep + first_pool_index)
         return self.frontier
 
     def _depth_threshold(self) -> float:
