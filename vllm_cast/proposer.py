@@ -198,9 +198,8 @@ class CastProposer(EagleProposer):
             self.dormancy.wake()
         else:
             self.dormancy.enter()
+        decision.predicted_first_pass_seconds = pricing.first_pass_seconds(table_costs, first_pass_rows)
         decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, forwarded_widths)
-        decision.predicted_draft_seconds = (pricing.first_pass_seconds(table_costs, first_pass_rows)
-                                            + decision.predicted_layer_seconds)
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 

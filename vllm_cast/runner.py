@@ -161,9 +161,9 @@ class CastRunnerMixin:
         drafting = 0.0 if decision is None else self._drafting_seconds
         self.drafter.overheads.record_plain(batch, measured - drafting, predicted_verify)
         if decision is not None and not decision.replayed:
-            layers = decision.predicted_layer_seconds
-            self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_draft_seconds - layers,
-                                                   decision.measured_layer_seconds, layers, len(decision.draft_forward_tokens) - 1)
+            self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_first_pass_seconds,
+                                                   decision.measured_layer_seconds, decision.predicted_layer_seconds,
+                                                   len(decision.draft_forward_tokens) - 1)
         self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts or decision is not None,
                                        self._emitted_tokens, measured)
 

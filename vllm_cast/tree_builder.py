@@ -53,12 +53,12 @@ class StepDecision:
     widths: list[int] = field(default_factory=list)
     verified: list[int] = field(default_factory=list)
     expected_accepted: float = 0.0
-    predicted_draft_seconds: float = 0.0
-    """Cost table's time for this step's draft passes (first pass + one per tree layer)."""
     draft_forward_tokens: list[int] = field(default_factory=list)
     """Token rows of each draft forward run this step (first pass, then each tree layer)."""
+    predicted_first_pass_seconds: float = 0.0
+    """Cost table's time for this step's first draft pass."""
     predicted_layer_seconds: float = 0.0
-    """Of which the tree layers."""
+    """Cost table's time for this step's tree layers (one draft pass each)."""
     measured_layer_seconds: float = 0.0
     """Wall time of the layer loop (forwards, top-K, builder steps)."""
     predicted_verify_seconds: float = 0.0
@@ -72,6 +72,11 @@ class StepDecision:
     @property
     def depth(self) -> int:
         return len(self.widths)
+
+    @property
+    def predicted_draft_seconds(self) -> float:
+        """Cost table's time for all of this step's draft passes."""
+        return self.predicted_first_pass_seconds + self.predicted_layer_seconds
 
 
 def _descending(values: np.ndarray) -> np.ndarray:
