@@ -89,7 +89,8 @@ class StepOverheads:
         self.first_pass = RecentMedians()
         self.per_layer = RecentMedians()
         self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, int, int], StepCosts]] = {}
-        """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps, adjusted costs)."""
+        """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps,
+        adjusted costs); holding the costs keeps their id from being reused while memoised."""
 
     @staticmethod
     def _median(samples: RecentMedians, bucket: int) -> float:
@@ -119,7 +120,7 @@ class StepOverheads:
             return costs
         memo_key = (bucket, id(costs))
         known = self._adjusted.get(memo_key)
-        if known is not None and known[0] is costs and known[1] == steps:
+        if known is not None and known[1] == steps:
             return known[2]
         plain, first_pass, per_layer = (step * RESOLUTION_SECONDS for step in steps)
 
