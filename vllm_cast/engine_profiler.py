@@ -90,6 +90,10 @@ class ForwardTimers:
 
     def target(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One target forward; multi-token ones tree-masked unless ``tree`` is False."""
+        return median_seconds(self._target_forward(batch, context, new_tokens, tree), self.repeats, self.synchronize)
+
+    def _target_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
+        """A callable running the target forward of :meth:`target`, logits of every row included."""
         runner = self.runner
         cad = self._metadata(batch, context, new_tokens)
         plan = tree_plan_for(batch, context, new_tokens) if new_tokens > 1 and tree else None
@@ -107,7 +111,7 @@ class ForwardTimers:
                 hidden = output[0] if isinstance(output, tuple) else output
                 runner.model.compute_logits(hidden)
 
-        return median_seconds(run, self.repeats, self.synchronize)
+        return run
 
     def chain_target(self, batch: int, context: int, new_tokens: int) -> float:
         """One target forward verifying chains (causal attention)."""
@@ -116,6 +120,10 @@ class ForwardTimers:
     def draft(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One draft forward: one token per sequence causal, more under a tree mask unless
         ``tree`` is False."""
+        return median_seconds(self._draft_forward(batch, context, new_tokens, tree), self.repeats, self.synchronize)
+
+    def _draft_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
+        """A callable running the draft forward of :meth:`draft`, logits of every row included."""
         drafter = self.drafter
         cad = self._metadata(batch, context, new_tokens)
         with active_plan(tree_plan_for(batch, context, new_tokens) if new_tokens > 1 and tree else None):
@@ -131,8 +139,14 @@ class ForwardTimers:
                 normed, _ = drafter.model(input_ids=input_ids, positions=cad.positions, hidden_states=hidden)
                 drafter.model.compute_logits(normed)
 
-        return median_seconds(run, self.repeats, self.synchronize)
+        return run
 
     def chain_draft(self, batch: int, context: int, new_tokens: int) -> float:
         """One draft forward over causal rows (EAGLE's first pass over verified tokens)."""
         return self.draft(batch, context, new_tokens, tree=False)
+
+    def run_once(self, rows: int) -> None:
+        """One causal target and one causal draft forward over ``rows`` rows of one
+        sequence (sets up the kernels of that row count; see vllm_cast.cpu_gemm)."""
+        self._target_forward(1, 0, rows, tree=False)()
+        self._draft_forward(1, 0, rows, tree=False)()

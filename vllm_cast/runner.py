@@ -24,6 +24,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm_cast.attention.cpu_kv_layout import move_tokens
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import profile_table
+from vllm_cast.cpu_gemm import decode_row_counts, warm_row_counts
 from vllm_cast.cost_tables import cost_source, resolve_table, table_key
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
@@ -88,7 +89,8 @@ class CastRunnerMixin:
                 **self.drafter.overheads.summary(), **self.drafter.throughput.summary()}
 
     def cast_prepare_costs(self) -> None:
-        """Load or profile the cost table (worker start-up, after the KV cache exists)."""
+        """Load or profile the cost table, then set up the matmul kernels of decoding's
+        row counts (worker start-up, after the KV cache exists)."""
         params = self.drafter.cast_params
         spec = self.vllm_config.speculative_config
         key = table_key(self.model_config.model, spec.draft_model_config.model, self.model_config.dtype, self.device)
@@ -100,6 +102,8 @@ class CastRunnerMixin:
                                                                  tokens, timers.chain_target, timers.chain_draft),
                              max_tokens, max_batch=batches[-1])
         self.set_cost_source(cost_source(table, max_tokens))
+        warm_row_counts(timers.run_once, decode_row_counts(self.scheduler_config.max_num_seqs, params.max_depth,
+                                                           self.scheduler_config.max_num_batched_tokens))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):

@@ -10,6 +10,7 @@ from vllm.v1.attention.selector import _cached_get_attn_backend
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm_cast.cpu_gemm import enlarge_primitive_caches
 from vllm_cast.runner import CastCPUModelRunner
 
 CPU_BACKEND_PATH = "vllm_cast.attention.cpu_backend.CastCPUAttentionBackend"
@@ -22,6 +23,7 @@ class CastCPUWorker(CPUWorker):
         super().__init__(*args, **kwargs)
 
     def init_device(self) -> None:
+        enlarge_primitive_caches()  # before the models load and create their matmuls
         original = cpu_worker.CPUModelRunner
         cpu_worker.CPUModelRunner = CastCPUModelRunner
         try:
