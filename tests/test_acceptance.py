@@ -28,14 +28,3 @@ def test_no_rate_before_enough_outcomes():
     calibrator.record(torch.full((few,), 0.5), torch.zeros(few, dtype=torch.int64), torch.ones(few, dtype=torch.bool),
                       torch.zeros(few, dtype=torch.bool))
     assert calibrator.first_rank_rate(False) is None
-
-
-def test_recent_outcomes_outweigh_old_ones():
-    """A workload change (acceptance 0 -> 1 at the same draft probability) shows within
-    a request's worth of steps, and the first-rank rate follows it."""
-    calibrator = AcceptanceCalibrator()
-    probs, ranks, greedy = torch.full((1,), 0.07), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.bool)
-    for accepted in [False] * 200 + [True] * 32:
-        calibrator.record(probs, ranks, torch.tensor([accepted]), greedy)
-    assert float(calibrator(torch.tensor([[0.07]]), sampled=torch.tensor([False]))[0, 0]) > 0.75
-    assert calibrator.first_rank_rate(False) > 0.75

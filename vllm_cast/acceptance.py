@@ -7,23 +7,16 @@ and of greedy verification, where only the argmax matters) breaks that assumptio
 makes trees too wide and too shallow. The calibrator learns, from the verification
 outcomes vLLM already computes, the acceptance rate of a node given that its parent was
 accepted, per (rank among siblings, draft-probability bin), shrunk towards the raw draft
-probability by a Beta prior. Recent outcomes count more: each recorded step discounts
-the earlier ones by ``RECORD_DECAY``, because acceptance moves with the workload (the
-``ci`` fixture's head, greedy, first rank, draft probability 0.03-0.1: accepted 0.62 of
-the time on MT-Bench prompts, every time on the five other task sets). It changes only
-tree shapes, never what is accepted, so losslessness is untouched."""
+probability by a Beta prior. It changes only tree shapes, never what is accepted, so
+losslessness is untouched."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-MIN_RATE_TRIALS = 8
-"""First-rank outcomes (discounted) needed before :meth:`AcceptanceCalibrator.first_rank_rate`
-answers; at batch size 1 at most ``1 / (1 - RECORD_DECAY)`` = 20 are ever held."""
-RECORD_DECAY = 0.95
-"""Weight every earlier outcome keeps per recorded step (a memory of ~20 steps: a workload
-change shows within one 32-token request at batch size 1)."""
+MIN_RATE_TRIALS = 32
+"""First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
 PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
 
 
@@ -34,10 +27,7 @@ class AcceptanceCalibrator:
 
     MODES = 2
 
-    def __init__(self, ranks: int = 4, prior_strength: float = 1.0) -> None:
-        """``prior_strength``: outcomes the raw draft probability counts as (small: with
-        a flat draft head the raw probability says little, and the discounted counts stay
-        small)."""
+    def __init__(self, ranks: int = 4, prior_strength: float = 4.0) -> None:
         self.ranks = ranks
         self.prior_strength = prior_strength
         bins = PROBABILITY_EDGES.numel() - 1
@@ -67,8 +57,6 @@ class AcceptanceCalibrator:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
         verified by sampling ``[T]`` bool (numpy or CPU tensors)."""
-        self._accepted_np *= RECORD_DECAY
-        self._trials_np *= RECORD_DECAY
         rank_cell, bin_cell = self._cells(np.asarray(probs, dtype=np.float64), np.asarray(ranks))
         flat = (np.asarray(sampled).astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
         np.add.at(self._trials_np.reshape(-1), flat, 1.0)

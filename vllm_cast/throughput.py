@@ -37,17 +37,15 @@ steps give steadier verdicts, but while speculation has no verdict the proposer'
 mostly declined (probes are rare), so a request stays drafted (its rows stashed each step) for
 as long as that takes: 16 measured 0.85x of vanilla at T=1 B=1 against ~1.0x with 4."""
 
-STALE_AFTER_PLAIN_STEPS = 128
+STALE_AFTER_PLAIN_STEPS = 1024
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
 drafting there (the workload may have changed: other prompts, other acceptance). Each time
 they go stale the next wait doubles, up to ``LONGEST_STALE_AFTER``; it is back to this once
-speculating measures no slower than plain decoding. Re-measuring drafts new prompts and
-speculates for a few steps (repeated every 1024 steps it cost 5-15% of a 32-token workload
-at B=16 where speculation never pays, hence the doubling); a first wait of 1024 steps kept
-a verdict taken on MT-Bench prompts during warm-up over all six task sets at batch size 1
-(~600 steps), where the draft pays on four of them."""
+speculating measures no slower than plain decoding (re-measuring drafts new prompts and
+speculates for a few steps: repeated every 1024 steps it cost 5-15% of a 32-token workload
+at B=16 where speculation never pays)."""
 
-LONGEST_STALE_AFTER = 64 * STALE_AFTER_PLAIN_STEPS
+LONGEST_STALE_AFTER = 16 * STALE_AFTER_PLAIN_STEPS
 
 
 class RecentTotals(RecentWindows):
