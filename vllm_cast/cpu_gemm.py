@@ -13,6 +13,7 @@ and create the kernels of the row counts decoding uses at start-up."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -47,7 +48,7 @@ def decode_row_counts(max_num_seqs: int, max_depth: int, max_num_batched_tokens:
     return range(1, min(max_num_seqs * (max_depth + 2), max_num_batched_tokens, WARMED_ROWS_CAP) + 1)
 
 
-def warm_row_counts(run_once, counts: range) -> None:
+def warm_row_counts(run_once: Callable[[int], None], counts: range) -> None:
     """Set up the kernels of every row count in ``counts`` by running ``run_once(rows)``
     (a target and a draft forward of that many rows)."""
     for rows in tqdm(counts, desc="set up CPU matmul kernels", unit="shape", leave=False):

@@ -24,8 +24,8 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm_cast.attention.cpu_kv_layout import move_tokens
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import profile_table
-from vllm_cast.cpu_gemm import decode_row_counts, warm_row_counts
 from vllm_cast.cost_tables import cost_source, resolve_table, table_key
+from vllm_cast.cpu_gemm import decode_row_counts, warm_row_counts
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.stats import CastStats
