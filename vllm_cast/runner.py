@@ -89,8 +89,7 @@ class CastRunnerMixin:
                 **self.drafter.overheads.summary(), **self.drafter.throughput.summary()}
 
     def cast_prepare_costs(self) -> None:
-        """Load or profile the cost table, then set up the matmul kernels of decoding's
-        row counts (worker start-up, after the KV cache exists)."""
+        """Load or profile the cost table (worker start-up, after the KV cache exists)."""
         params = self.drafter.cast_params
         spec = self.vllm_config.speculative_config
         key = table_key(self.model_config.model, spec.draft_model_config.model, self.model_config.dtype, self.device)
@@ -102,8 +101,13 @@ class CastRunnerMixin:
                                                                  tokens, timers.chain_target, timers.chain_draft),
                              max_tokens, max_batch=batches[-1])
         self.set_cost_source(cost_source(table, max_tokens))
-        warm_row_counts(timers.run_once, decode_row_counts(self.scheduler_config.max_num_seqs, params.max_depth,
-                                                           self.scheduler_config.max_num_batched_tokens))
+
+    def cast_set_up_kernels(self) -> None:
+        """Set up the CPU matmul kernels of every row count decoding steps run (worker
+        start-up, after the KV cache exists; see vllm_cast.cpu_gemm)."""
+        counts = decode_row_counts(self.scheduler_config.max_num_seqs, self.drafter.cast_params.max_depth,
+                                   self.scheduler_config.max_num_batched_tokens)
+        warm_row_counts(ForwardTimers(self).run_once, counts)
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
