@@ -111,3 +111,19 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert runner.drafter.dormancy.stashed_rows == 0
     assert drafting_calls_on_decode_steps, "the prompt steps never reached the drafter"
     assert not any(drafting_calls_on_decode_steps), "a decode step of undrafted requests took the speculative path"
+
+
+def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):
+    """T=1 on this fixture: CAST declines every tree, so its only speculative samples are
+    dormant probes. Their row counts were set up at start-up (vllm_cast.cpu_gemm), so they
+    count as throughput samples; once they measure slower than plain decoding, later
+    requests are undrafted from their prompt on (no draft pass over long prompts)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=0)
+    before = cast_stats(default_cast_llm)["undrafted_requests"]
+    prompts = load_prompts("qa", limit=12)
+    for prompt in prompts:  # one at a time: batch size 1, as the probes were measured
+        default_cast_llm.generate([prompt], params, use_tqdm=False)
+    undrafted = cast_stats(default_cast_llm)["undrafted_requests"] - before
+    assert undrafted >= len(prompts) // 2, f"only {undrafted} of {len(prompts)} sampled requests were undrafted"

@@ -33,14 +33,14 @@ class AcceptanceCalibrator:
         bins = PROBABILITY_EDGES.numel() - 1
         self.accepted = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
         self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
-        self._edges = PROBABILITY_EDGES.double().numpy()
+        self._inner_edges = PROBABILITY_EDGES.double().numpy()[1:-1]
+        """Bin boundaries between the first and last bin: a probability's bin is the number
+        of them at or below it (0..bins-1, no clipping needed)."""
         self._accepted_np, self._trials_np = self.accepted.numpy(), self.trials.numpy()  # views, same memory
 
     def _cells(self, probs: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rank and probability-bin cells of draft probabilities and sibling ranks."""
-        bins = np.searchsorted(self._edges, probs, side="right") - 1
-        np.clip(bins, 0, self._trials_np.shape[2] - 1, out=bins)
-        return np.minimum(ranks, self.ranks - 1), bins
+        return np.minimum(ranks, self.ranks - 1), np.searchsorted(self._inner_edges, probs, side="right")
 
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft

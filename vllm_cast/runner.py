@@ -104,10 +104,12 @@ class CastRunnerMixin:
 
     def cast_set_up_kernels(self) -> None:
         """Set up the CPU matmul kernels of every row count decoding steps run (worker
-        start-up, after the KV cache exists; see vllm_cast.cpu_gemm)."""
+        start-up, after the KV cache exists; see vllm_cast.cpu_gemm). Those shapes are then
+        no longer cold (``_first_run_of_a_shape``)."""
         counts = decode_row_counts(self.scheduler_config.max_num_seqs, self.drafter.cast_params.max_depth,
                                    self.scheduler_config.max_num_batched_tokens)
         warm_row_counts(ForwardTimers(self).run_once, counts)
+        self._seen_forward_shapes.update((model, rows) for rows in counts for model in ("target", "draft"))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
