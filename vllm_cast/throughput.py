@@ -87,6 +87,7 @@ class MeasuredThroughput:
             self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
+        self._reset_wait_if_paying(batch_size, all_sampled)
 
     def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float,
                                accepted_drafts: int = 0) -> None:
@@ -96,6 +97,17 @@ class MeasuredThroughput:
         beyond plain decoding's one token per request) credited."""
         if seconds > 0:
             self.rates.add((batch_bucket(batch_size), all_sampled, True), (accepted_drafts, seconds))
+            self._reset_wait_if_paying(batch_size, all_sampled)
+
+    def _reset_wait_if_paying(self, batch_size: int, all_sampled: bool) -> None:
+        """Back to the shortest stale wait once speculating measures no slower than plain
+        decoding at this batch size and mode."""
+        key = (batch_bucket(batch_size), all_sampled)
+        if key not in self.stale_after:
+            return
+        speculative, plain = self._rates(batch_size, all_sampled)
+        if speculative is not None and plain is not None and speculative >= plain:
+            del self.stale_after[key]
 
     def _rates(self, batch_size: int, all_sampled: bool) -> tuple[float | None, float | None]:
         bucket = batch_bucket(batch_size)
@@ -113,11 +125,7 @@ class MeasuredThroughput:
         slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then
         after twice as many, ...)."""
         speculative, plain = self._rates(batch_size, all_sampled)
-        if speculative is None or plain is None:
-            return False
-        if speculative >= plain:
-            self.stale_after.pop((batch_bucket(batch_size), all_sampled), None)
-        return speculative < plain
+        return speculative is not None and plain is not None and speculative < plain
 
     def summary(self) -> dict[str, float]:
         """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
