@@ -75,6 +75,33 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert throughput.stale_after.get((2, False), STALE_AFTER_PLAIN_STEPS) == STALE_AFTER_PLAIN_STEPS
 
 
+def test_a_slower_verdict_at_a_smaller_batch_size_rules_out_larger_ones_until_stale():
+    throughput = MeasuredThroughput()
+    _record(throughput, 2, speculative=True, tokens=3, seconds=0.010)  # 300 tokens/s
+    _record(throughput, 2, speculative=False, tokens=2, seconds=0.005)  # 400 tokens/s
+    assert throughput.measured_slower(2, False)
+    assert throughput.measured_slower(16, False), "larger batches inherit the slower verdict"
+    assert not throughput.measured_slower(1, False), "smaller batches do not"
+    assert not throughput.measured_slower(16, True), "nor the other verification mode"
+    _record(throughput, 16, speculative=True, tokens=40, seconds=0.010)  # 4000 tokens/s
+    _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
+    assert not throughput.measured_slower(16, False), "a bucket's own verdict comes first"
+    assert throughput.measured_slower(8, False), "buckets in between still inherit"
+    _record(throughput, 8, speculative=False, tokens=8, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS)
+    assert not throughput.measured_slower(8, False), "stale at 8: the inherited evidence is dropped too"
+    assert not throughput.measured_slower(2, False)
+
+
+def test_a_faster_verdict_at_a_smaller_batch_size_is_not_inherited():
+    throughput = MeasuredThroughput()
+    _record(throughput, 1, speculative=True, tokens=3, seconds=0.006)  # 500 tokens/s
+    _record(throughput, 1, speculative=False, tokens=1, seconds=0.004)  # 250 tokens/s
+    _record(throughput, 4, speculative=True, tokens=8, seconds=0.010, steps=MIN_STEPS + 2)  # 800 tokens/s
+    assert not throughput.measured_slower(4, False), "unknown at 4: explore"
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.004)  # 1000 tokens/s
+    assert throughput.measured_slower(4, False)
+
+
 def test_a_decode_step_is_no_sample_the_first_time_it_runs_a_shape():
     """Kernels are set up per token count on first use; such a step must not be measured."""
     runner = SimpleNamespace(_step_tokens=5, _seen_forward_shapes=set())

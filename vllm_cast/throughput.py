@@ -19,7 +19,15 @@ Once both kinds are measured and speculating is slower, the proposer treats spec
 as hopeless at that batch size (its requests are not drafted, no probes): the verdict
 holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
 one; then the old speculative samples are dropped and speculation is measured afresh
-(the first ones may have been taken before acceptance was learned, or on other prompts)."""
+(the first ones may have been taken before acceptance was learned, or on other prompts).
+
+A bucket without a verdict of its own takes that of the nearest smaller bucket that has one
+when it says slower: speculation's gain only shrinks as the batch grows (the target forward
+turns compute-bound and every request's tree adds rows), so a batch size where it measured
+slower rules out the larger ones without exploring each (under continuous batching the batch
+size moves through several buckets, and exploring each one drafted new prompts in every
+bucket). When such a bucket goes stale, the smaller buckets' speculative samples are dropped
+too, so that evidence is measured afresh as well."""
 
 from __future__ import annotations
 
@@ -83,7 +91,8 @@ class MeasuredThroughput:
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
         if since >= stale_after:
-            self.rates.forget((*key, True))
+            for smaller_or_same in range(key[0] + 1):
+                self.rates.forget((smaller_or_same, all_sampled, True))
             self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
@@ -121,11 +130,17 @@ class MeasuredThroughput:
         return speculative is not None and (plain is None or speculative < plain)
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
-        """Whether both kinds are measured at this batch size and mode and speculating is
-        slower (its samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then
-        after twice as many, ...)."""
-        speculative, plain = self._rates(batch_size, all_sampled)
-        return speculative is not None and plain is not None and speculative < plain
+        """Whether speculating measured slower at this batch size and mode: both kinds are
+        measured in its bucket and speculating is slower, or its bucket has no verdict and
+        the nearest smaller bucket with one measured speculating slower (see module doc;
+        samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then after twice
+        as many, ...)."""
+        for bucket in range(batch_bucket(batch_size), -1, -1):
+            speculative = self.rates.rate((bucket, all_sampled, True))
+            plain = self.rates.rate((bucket, all_sampled, False))
+            if speculative is not None and plain is not None:
+                return speculative < plain
+        return False
 
     def summary(self) -> dict[str, float]:
         """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
