@@ -112,21 +112,24 @@ class MeasuredThroughput:
         """Back to the shortest stale wait once speculating measures no slower than plain
         decoding at this batch size and mode."""
         key = (batch_bucket(batch_size), all_sampled)
-        if key not in self.stale_after:
-            return
-        speculative, plain = self._rates(batch_size, all_sampled)
-        if speculative is not None and plain is not None and speculative >= plain:
+        if key in self.stale_after and self._slower(*key) is False:
             del self.stale_after[key]
 
-    def _rates(self, batch_size: int, all_sampled: bool) -> tuple[float | None, float | None]:
-        bucket = batch_bucket(batch_size)
+    def _rates(self, bucket: int, all_sampled: bool) -> tuple[float | None, float | None]:
+        """Speculative and plain tokens per second of one bucket and mode (None: too few steps)."""
         return self.rates.rate((bucket, all_sampled, True)), self.rates.rate((bucket, all_sampled, False))
+
+    def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
+        """The bucket's own verdict: whether speculating measured slower than plain decoding
+        (None until both kinds are measured there)."""
+        speculative, plain = self._rates(bucket, all_sampled)
+        return None if speculative is None or plain is None else speculative < plain
 
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether to decline speculation at this batch size and mode: it measured fewer
         tokens per second than plain decoding, or plain decoding was never measured here
         (explore it). False until speculative steps have ``MIN_STEPS`` samples."""
-        speculative, plain = self._rates(batch_size, all_sampled)
+        speculative, plain = self._rates(batch_bucket(batch_size), all_sampled)
         return speculative is not None and (plain is None or speculative < plain)
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
@@ -136,10 +139,9 @@ class MeasuredThroughput:
         samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then after twice
         as many, ...)."""
         for bucket in range(batch_bucket(batch_size), -1, -1):
-            speculative = self.rates.rate((bucket, all_sampled, True))
-            plain = self.rates.rate((bucket, all_sampled, False))
-            if speculative is not None and plain is not None:
-                return speculative < plain
+            verdict = self._slower(bucket, all_sampled)
+            if verdict is not None:
+                return verdict
         return False
 
     def summary(self) -> dict[str, float]:
