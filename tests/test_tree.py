@@ -124,3 +124,26 @@ def test_auto_depth_drafts_deeper_when_layers_are_cheaper():
     cheap, dear = _auto_depth(draft_cost=0.05), _auto_depth(draft_cost=0.6)
     assert cheap == 8, "cheap layers: up to max_depth"
     assert 1 <= dear < cheap
+
+
+def test_depth_rule_recovers_after_a_run_of_poor_layer_ratios():
+    """A ratio history lowered by hard prompts must not pin every later step at depth 1:
+    each step adds the first layer's ratio to the root (u_1 / u_0, u_0 = 1), so confident
+    drafts raise alpha again within R steps."""
+    n = torch.arange(18, dtype=torch.float64)
+    positive = (n > 0).double()
+    costs = StepCosts(draft=0.2 * positive, target=(1.0 + 0.05 * (n - 1)) * positive,
+                      chain_target=(1.0 + 0.02 * (n - 1)) * positive)
+    params = CastParams(node_top_k=2, max_depth=6, acceptance_calibration=False)
+    history = deque([0.05] * params.ratio_buffer_size, maxlen=params.ratio_buffer_size)
+    probs = torch.zeros(1, 8)
+    probs[0, :2] = torch.tensor([0.95, 0.03])
+    step_depths = []
+    for _ in range(2 * params.ratio_buffer_size):
+        builder = CastTreeBuilder(params, costs, max_nodes=16, ratio_history=history)
+        frontier = builder.start(probs)
+        while frontier is not None:
+            frontier = builder.expand(probs.expand(frontier.width, -1)[None])
+        step_depths.append(builder.decision.depth)
+    assert step_depths[0] == 1, "alpha = 0.05 stops the first step at depth 1"
+    assert step_depths[-1] == params.max_depth, f"alpha never recovered: depths {step_depths}"

@@ -12,12 +12,31 @@ losslessness is untouched."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 MIN_RATE_TRIALS = 32
 """First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
 PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
+
+
+@functools.cache
+def _rank_offsets(children: int, ranks: int, bins: int) -> np.ndarray:
+    """``[K]`` offset of each sibling rank's row in a flattened ``[ranks, bins]`` table."""
+    offsets = np.minimum(np.arange(children), ranks - 1) * bins
+    offsets.flags.writeable = False
+    return offsets
+
+
+@functools.cache
+def _rows(batch: int, ndim: int) -> np.ndarray:
+    """``[B, 1, ...]`` row numbers that index ``ndim``-dimensional per-request arrays."""
+    rows = np.arange(batch).reshape(-1, *([1] * (ndim - 1)))
+    rows.flags.writeable = False
+    return rows
 
 
 class AcceptanceCalibrator:
@@ -45,13 +64,26 @@ class AcceptanceCalibrator:
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft
         probabilities ``[B, ..., K]`` are sorted descending (position = sibling rank);
-        ``sampled`` ``[B]`` bool: whether each request verifies by sampling (else greedy).
-        Numpy in and out: the arrays are tiny and this runs once per tree layer."""
-        probs = np.asarray(sorted_probs, dtype=np.float64)
-        ranks, bins = self._cells(probs, np.arange(probs.shape[-1]))
-        modes = np.asarray(sampled).astype(np.int64).reshape(-1, *([1] * (probs.ndim - 1)))
-        hits, trials = self._accepted_np[modes, ranks, bins], self._trials_np[modes, ranks, bins]
-        return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
+        ``sampled`` ``[B]`` bool: whether each request verifies by sampling (else greedy)."""
+        return self.estimator(sampled)(sorted_probs)
+
+    def estimator(self, sampled: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """:meth:`__call__` for one step's batch: the per-request counts are looked up once
+        here and the returned map (numpy in and out; it runs once per tree layer on tiny
+        arrays) only bins the probabilities. Outcomes recorded later are not seen by it."""
+        modes = np.asarray(sampled).astype(np.int64)
+        bins = self._trials_np.shape[2]
+        hits = self._accepted_np[modes].reshape(modes.size, -1)  # [B, ranks * bins]
+        denominators = self._trials_np[modes].reshape(modes.size, -1) + self.prior_strength
+
+        def estimate(sorted_probs: np.ndarray) -> np.ndarray:
+            probs = np.asarray(sorted_probs, dtype=np.float64)
+            cells = _rank_offsets(probs.shape[-1], self.ranks, bins) + np.searchsorted(
+                self._inner_edges, probs, side="right")
+            rows = _rows(modes.size, probs.ndim)
+            return (hits[rows, cells] + self.prior_strength * probs) / denominators[rows, cells]
+
+        return estimate
 
     def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling

@@ -12,7 +12,6 @@ to vLLM flattened in topological order as the request's draft tokens."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -73,21 +72,23 @@ class _DraftedNodes:
 
 @dataclasses.dataclass
 class _LayerSlots:
-    """Where a step's tree layers live in the draft KV cache: ``prefix`` ``[B]`` each
-    request's verified draft context (tokens); ``slots`` ``[B, N]`` the cache slots of its
-    next ``N`` logical positions (one per draft node the step may forward)."""
+    """Where a step's tree layers live, per request (numpy, on the CPU): ``root_positions``
+    ``[B]`` int64 the RoPE position of the last verified row; ``prefix`` ``[B]`` int32 the
+    verified draft context (tokens); ``slots`` ``[B, N]`` int64 the draft KV cache slots
+    of its next ``N`` logical positions (one per draft node the step may forward)."""
 
-    prefix: torch.Tensor
-    slots: torch.Tensor
+    root_positions: np.ndarray
+    prefix: np.ndarray
+    slots: np.ndarray
 
     @classmethod
     def of(cls, root_positions: torch.Tensor, block_table: torch.Tensor, block_size: int, nodes: int) -> _LayerSlots:
         """From the roots' positions ``[B]`` and the block table ``[B, max_blocks]``."""
-        prefix = root_positions.cpu().numpy().astype(np.int64) + 1
-        logical = prefix[:, None] + np.arange(nodes)[None, :]
-        table = block_table.cpu()[: prefix.size].numpy()
+        positions = root_positions.cpu().numpy().astype(np.int64)
+        logical = positions[:, None] + 1 + np.arange(nodes)[None, :]
+        table = block_table.cpu()[: positions.size].numpy()
         block_ids = np.take_along_axis(table, np.minimum(logical // block_size, table.shape[1] - 1), 1)
-        return cls(torch.from_numpy(prefix), torch.from_numpy(block_ids * block_size + logical % block_size))
+        return cls(positions, (positions + 1).astype(np.int32), block_ids.astype(np.int64) * block_size + logical % block_size)
 
 
 class CastProposer(EagleProposer):
@@ -154,25 +155,26 @@ class CastProposer(EagleProposer):
             common_attn_metadata, num_rejected_tokens_gpu)
         if num_speculative_tokens == 0 or self.cost_source is None:
             return [[] for _ in range(batch)]
-        root_positions = self.positions[sample_rows].clone()
+        layer_slots = _LayerSlots.of(self.positions[sample_rows], cad.block_table_tensor, self.block_size,
+                                     self.max_nodes)
         # Context the next verification attends over, in tokens, averaged over the batch.
-        context = float((root_positions + 2).float().mean())
+        context = float(layer_slots.root_positions.mean()) + 2
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
-                                  calibrate=functools.partial(self.calibrator, sampled=sampled.numpy())
+                                  calibrate=self.calibrator.estimator(sampled.numpy())
                                   if self.cast_params.acceptance_calibration else None,
                                   first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
-        layer_slots = _LayerSlots.of(root_positions, cad.block_table_tensor, self.block_size, self.max_nodes)
+        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         forwarded_widths = []
         loop_started = time.perf_counter()
         while frontier is not None and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
-            normed, layer_hidden = self._forward_layer(frontier, drafted, root_positions, layer_slots, cad,
+            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad,
                                                        depth=builder.decision.depth)
             drafted.offset = drafted.count - frontier.width
             drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
@@ -269,17 +271,17 @@ class CastProposer(EagleProposer):
             normed, hidden = self.model(**model_kwargs)
         return normed[sample_rows], hidden[sample_rows], cad, sample_rows
 
-    def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, root_positions: torch.Tensor,
-                       layer_slots: _LayerSlots, cad: CommonAttentionMetadata,
-                       depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, layer_slots: _LayerSlots,
+                       layer_cad: CommonAttentionMetadata, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one frontier ``[B, W]`` through the draft model under its tree mask (causally
-        while the nodes form a chain); updates ``drafted``'s count and ancestors. Returns
-        normed and pre-norm hidden states ``[B * W, H]``."""
+        while the nodes form a chain); updates ``drafted``'s count and ancestors and
+        ``layer_cad`` (this step's attention metadata for tree layers, rewritten per layer as
+        vLLM's chain loop does). Returns normed and pre-norm hidden states ``[B * W, H]``."""
         batch, width = frontier.tokens.shape
         before = drafted.count
-        parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0)
         plan = None
         if not (drafted.chain and width == 1):
+            parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0)
             previous = drafted.ancestor_rows(batch)
             rows = torch.zeros(batch, width, before + width, dtype=torch.bool)
             if drafted.offset >= 0:
@@ -293,28 +295,28 @@ class CastProposer(EagleProposer):
             plan = TreePlan(tuple(TreeRequest(b, int(layer_slots.prefix[b]), rows[b]) for b in range(batch)))
         drafted.count = before + width
 
-        slots = layer_slots.slots[:, before : before + width].flatten().to(cad.slot_mapping.dtype)
-        seq_lens = (layer_slots.prefix + before + width).to(cad.seq_lens.dtype)
         num_tokens = batch * width
-        query_start = torch.arange(batch + 1, dtype=torch.int32) * width
-        layer_cad = dataclasses.replace(
-            cad, query_start_loc=query_start.to(cad.query_start_loc.device), query_start_loc_cpu=query_start,
-            seq_lens=seq_lens.to(cad.seq_lens.device), num_actual_tokens=num_tokens, max_query_len=width,
-            max_seq_len=int(seq_lens.max()), slot_mapping=slots.to(cad.slot_mapping.device), positions=None,
-            seq_lens_cpu_upper_bound=None, causal=True)
+        seq_lens = layer_slots.prefix + (before + width)
+        query_start = torch.from_numpy(np.arange(0, num_tokens + 1, width, dtype=np.int32))
+        slots = torch.from_numpy(layer_slots.slots[:, before : before + width].reshape(-1)).to(self.device)
+        layer_cad.query_start_loc, layer_cad.query_start_loc_cpu = query_start.to(self.device), query_start
+        layer_cad.seq_lens = torch.from_numpy(seq_lens).to(self.device)
+        layer_cad.num_actual_tokens, layer_cad.max_query_len = num_tokens, width
+        layer_cad.max_seq_len, layer_cad.slot_mapping = int(seq_lens.max()), slots
         with active_plan(plan):
             _, per_layer = self.build_per_group_and_layer_attn_metadata(layer_cad, draft_index=depth)
 
         if drafted.hidden.shape[1] == 1:  # every node's parent is the previous layer's only node
             parent_hidden = drafted.hidden.expand(-1, width, -1)
         else:
-            parent_hidden = torch.gather(drafted.hidden, 1, parent_slot.to(drafted.hidden.device)
-                                         [:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
-        self.input_ids[:num_tokens] = torch.from_numpy(frontier.tokens).flatten().to(self.input_ids)
-        self.positions[:num_tokens] = (root_positions[:, None] + depth).expand(-1, width).flatten().to(self.positions)
+            parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0).to(self.device)
+            parent_hidden = torch.gather(drafted.hidden, 1, parent_slot[:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
+        self.input_ids[:num_tokens] = torch.from_numpy(frontier.tokens.reshape(-1)).to(self.device)
+        self.positions[:num_tokens] = torch.from_numpy(
+            np.repeat(layer_slots.root_positions + depth, width)).to(self.device)
         self.hidden_states[:num_tokens] = parent_hidden.reshape(num_tokens, -1)
         with set_forward_context(per_layer, self.vllm_config, num_tokens=num_tokens,
                                  cudagraph_runtime_mode=CUDAGraphMode.NONE,
-                                 slot_mapping=self._get_slot_mapping(num_tokens, layer_cad.slot_mapping)):
+                                 slot_mapping=self._get_slot_mapping(num_tokens, slots)):
             return self.model(input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
                               hidden_states=self.hidden_states[:num_tokens])

@@ -149,7 +149,11 @@ class CastTreeBuilder:
         self.frontier: Frontier | None = None
         self.root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
-        self.prev_utility: float | None = None
+        self.prev_utility = 1.0
+        """Utility of the newest layer so far (layer 0: the root, value 1). Counting the
+        root makes every step add at least one ratio ``u_1 / u_0`` to the history: with
+        ratios only from depth 2 on, a history lowered by hard prompts would stop every
+        later step at depth 1 and never be revised."""
         self.expected_tokens = 1.0
         """1 + the kept utility of every layer so far (batch mean expected tokens per step)."""
         self.drafting_cost = first_pass_cost
@@ -196,7 +200,7 @@ class CastTreeBuilder:
             widths = None
         kept_utility = float(batch_utility[width])
         self.decision.widths.append(width)
-        if self.prev_utility is not None and self.prev_utility > 0:
+        if self.prev_utility > 0:
             self.ratios.append(kept_utility / self.prev_utility)
         self.prev_utility = kept_utility
         alpha = sum(self.ratios) / len(self.ratios)
