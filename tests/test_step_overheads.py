@@ -25,12 +25,12 @@ def test_overheads_apply_after_enough_samples_as_a_robust_median():
     overheads = StepOverheads()
     costs = _costs(0.05)
     for sample in range(MIN_SAMPLES - 1):
-        overheads.record_plain(4, measured=1.5, predicted=1.0)
+        overheads.record_step(4, measured=1.5, predicted=1.0, verified_drafts=False)
         overheads.record_drafting(4, measured=2.0, predicted_first_pass=0.4, measured_layers=1.2,
                                   predicted_layers=0.6, layers=2)
     assert overheads.adjust(4, costs) is costs, "too few samples: no overhead yet"
-    overheads.record_plain(4, measured=1.5, predicted=1.0)
-    overheads.record_plain(4, measured=50.0, predicted=1.0)  # one stalled step
+    overheads.record_step(4, measured=1.5, predicted=1.0, verified_drafts=False)
+    overheads.record_step(4, measured=50.0, predicted=1.0, verified_drafts=False)  # one stalled step
     for _ in range(2):
         overheads.record_drafting(4, measured=2.0, predicted_first_pass=0.4, measured_layers=1.2,
                                   predicted_layers=0.6, layers=2)
@@ -44,16 +44,35 @@ def test_overheads_apply_after_enough_samples_as_a_robust_median():
     assert overheads.adjust(16, costs) is costs, "other batch sizes are not affected"
 
 
+def test_verifying_steps_price_their_own_overhead_from_the_plain_step_on():
+    """Steps that verified drafts pay more outside the forwards than plain steps (tree
+    acceptance, speculative input preparation): the plain step (index 1) keeps the plain
+    overhead and every verification gets the verifying steps' own, once measured."""
+    overheads = StepOverheads()
+    costs = _costs(0.05)
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(1, measured=1.5, predicted=1.0, verified_drafts=False)
+    until_measured = overheads.adjust(1, costs)
+    assert torch.allclose(until_measured.target[1:], costs.target[1:] + 0.5), "verify overhead defaults to plain"
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(1, measured=3.0, predicted=1.2, verified_drafts=True)
+    adjusted = overheads.adjust(1, costs)
+    assert abs(float(adjusted.target[1] - costs.target[1]) - 0.5) < 1e-9
+    assert torch.allclose(adjusted.target[2:], costs.target[2:] + 1.8)
+    assert torch.allclose(adjusted.chain_target[2:], costs.chain_target[2:] + 1.8)
+
+
 def test_adjusted_costs_are_reused_until_an_overhead_moves_by_the_resolution():
     overheads = StepOverheads()
     costs = _costs(0.05)
     for _ in range(MIN_SAMPLES):
-        overheads.record_plain(1, measured=1.5, predicted=1.0)
+        overheads.record_step(1, measured=1.5, predicted=1.0, verified_drafts=False)
     adjusted = overheads.adjust(1, costs)
-    overheads.record_plain(1, measured=1.5 + RESOLUTION_SECONDS / 10, predicted=1.0)
+    overheads.record_step(1, measured=1.5 + RESOLUTION_SECONDS / 10, predicted=1.0, verified_drafts=False)
     assert overheads.adjust(1, costs) is adjusted, "a sub-resolution move rebuilt the curves"
     for _ in range(MIN_SAMPLES + 1):
-        overheads.record_plain(1, measured=1.5 + 3 * RESOLUTION_SECONDS, predicted=1.0)
+        overheads.record_step(1, measured=1.5 + 3 * RESOLUTION_SECONDS, predicted=1.0,
+                              verified_drafts=False)
     moved = overheads.adjust(1, costs)
     assert torch.allclose(moved.target[1:], costs.target[1:] + 0.5 + 3 * RESOLUTION_SECONDS)
     assert overheads.adjust(1, _costs(0.1)) is not moved, "other table costs share the memo"

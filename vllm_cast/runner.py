@@ -169,7 +169,7 @@ class CastRunnerMixin:
         if predicted_verify is None:
             predicted_verify = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
         drafting = 0.0 if decision is None else self._drafting_seconds
-        self.drafter.overheads.record_plain(batch, measured - drafting, predicted_verify)
+        self.drafter.overheads.record_step(batch, measured - drafting, predicted_verify, self._verified_drafts)
         if decision is not None and not decision.replayed:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_first_pass_seconds,
                                                    decision.measured_layer_seconds, decision.predicted_layer_seconds,

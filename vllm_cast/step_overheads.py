@@ -6,8 +6,12 @@ forward shows (attention metadata per draft layer, tree building, vocabulary top
 runner times every decode step and every drafting call against the table's prediction;
 this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samples of
 
-- ``plain``: measured minus predicted seconds of a step outside its drafting call: the
-  target forward (plain or verifying) with input preparation, sampling or tree acceptance;
+- ``plain``: measured minus predicted seconds of a step that verified no drafts, outside
+  its drafting call: the target forward with input preparation and sampling;
+- ``verify``: the same for a step that verified drafts: its target forward over the trees
+  with vLLM's speculative input preparation, tree acceptance, KV compaction and the
+  calibrator's bookkeeping (on this CPU ~0.9-1.0 ms more than a plain step's; charging
+  verifications the plain overhead priced that difference as free);
 - ``first_pass``: of a drafting call (timed on its own, so verification and machine noise
   in the rest of the step do not land on it) outside its layer loop, measured minus
   predicted seconds of its first pass: input preparation, attention metadata, the root's
@@ -16,7 +20,8 @@ this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samp
   attention metadata, top-K and builder step).
 
 :meth:`StepOverheads.adjust` adds them to a step's cost curves (``plain`` to every target
-forward, ``first_pass`` to the causal first-pass curve, ``per_layer`` to every tree-layer
+step (one token per request), ``verify`` to every verification (until it is measured: ``plain``),
+``first_pass`` to the causal first-pass curve, ``per_layer`` to every tree-layer
 draft forward), so the builder's thresholds and the final "is this tree faster than plain
 decoding" check see what a step really costs here.
 """
@@ -81,14 +86,15 @@ ADJUSTED_KEPT = 1024
 
 
 class StepOverheads:
-    """Unpriced seconds per step (plain), per drafting call (first pass) and per tree
-    layer, by batch-size bucket."""
+    """Unpriced seconds per step (plain or verifying drafts), per drafting call (first
+    pass) and per tree layer, by batch-size bucket."""
 
     def __init__(self) -> None:
         self.plain = RecentMedians()
+        self.verify = RecentMedians()
         self.first_pass = RecentMedians()
         self.per_layer = RecentMedians()
-        self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, int, int], StepCosts]] = {}
+        self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, ...], StepCosts]] = {}
         """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps,
         adjusted costs); holding the costs keeps their id from being reused while memoised."""
 
@@ -97,9 +103,10 @@ class StepOverheads:
         median = samples.median(bucket)
         return 0.0 if median is None else median
 
-    def record_plain(self, batch_size: int, measured: float, predicted: float) -> None:
-        """A decode step outside its drafting call, against its target forward (seconds)."""
-        self.plain.add(batch_bucket(batch_size), measured - predicted)
+    def record_step(self, batch_size: int, measured: float, predicted: float, verified_drafts: bool) -> None:
+        """A decode step outside its drafting call, against its target forward (seconds);
+        ``verified_drafts``: it verified draft tokens (else a plain step)."""
+        (self.verify if verified_drafts else self.plain).add(batch_bucket(batch_size), measured - predicted)
 
     def record_drafting(self, batch_size: int, measured: float, predicted_first_pass: float, measured_layers: float,
                         predicted_layers: float, layers: int) -> None:
@@ -114,21 +121,31 @@ class StepOverheads:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
         cheaper than its forwards)."""
         bucket = batch_bucket(batch_size)
-        steps = tuple(round(max(self._median(samples, bucket), 0.0) / RESOLUTION_SECONDS)
-                      for samples in (self.plain, self.first_pass, self.per_layer))
+        verify = self.verify.median(bucket)
+        steps = tuple(round(max(seconds, 0.0) / RESOLUTION_SECONDS) for seconds in (
+            self._median(self.plain, bucket), self._median(self.plain, bucket) if verify is None else verify,
+            self._median(self.first_pass, bucket), self._median(self.per_layer, bucket)))
         if not any(steps):
             return costs
         memo_key = (bucket, id(costs))
         known = self._adjusted.get(memo_key)
         if known is not None and known[1] == steps:
             return known[2]
-        plain, first_pass, per_layer = (step * RESOLUTION_SECONDS for step in steps)
+        plain, verify, first_pass, per_layer = (step * RESOLUTION_SECONDS for step in steps)
 
         def shifted(curve, by: float):
             return None if curve is None else torch.where(curve > 0, curve + by, curve)
 
-        adjusted = dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted(costs.target, plain),
-                                       chain_target=shifted(costs.chain_target, plain),
+        def shifted_target(curve):
+            """Index 1 (one token per request: a plain step) by ``plain``, verifications by ``verify``."""
+            if curve is None:
+                return None
+            by = torch.full_like(curve, verify)
+            by[1] = plain
+            return torch.where(curve > 0, curve + by, curve)
+
+        adjusted = dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted_target(costs.target),
+                                       chain_target=shifted_target(costs.chain_target),
                                        chain_draft=shifted(costs.causal_draft_curve(), first_pass))
         if len(self._adjusted) >= ADJUSTED_KEPT:
             self._adjusted.clear()
@@ -136,8 +153,8 @@ class StepOverheads:
         return adjusted
 
     def summary(self) -> dict[str, float]:
-        """Current medians in milliseconds, keyed ``<plain|first_pass|per_layer>_ms_b<bucket>``."""
+        """Current medians in milliseconds, keyed ``<plain|verify|first_pass|per_layer>_ms_b<bucket>``."""
         return {f"{name}_ms_b{b}": 1e3 * self._median(samples, b)
-                for name, samples in (("plain", self.plain), ("first_pass", self.first_pass),
+                for name, samples in (("plain", self.plain), ("verify", self.verify), ("first_pass", self.first_pass),
                                       ("per_layer", self.per_layer))
                 for b in samples.keys()}
