@@ -98,6 +98,11 @@ class StepCosts:
         return self.verify_curve(chain=True) / self.target[1]
 
     @functools.cached_property
+    def plain_step_seconds(self) -> float:
+        """``target[1]``: one single-token target forward (read on every plain step)."""
+        return float(self.target[1])
+
+    @functools.cached_property
     def unit_curves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`draft_ratio`, :meth:`target_ratio` and :meth:`chain_target_ratio` as
         float64 numpy arrays (computed once per costs object: the tree builder reads them

@@ -167,7 +167,7 @@ class CastRunnerMixin:
         if self._first_run_of_a_shape(decision):
             return
         if predicted_verify is None:
-            predicted_verify = float(self.drafter.cost_source(batch, self._mean_context(batch)).target[1])
+            predicted_verify = self.drafter.cost_source(batch, self._mean_context(batch)).plain_step_seconds
         drafting = 0.0 if decision is None else self._drafting_seconds
         self.drafter.overheads.record_step(batch, measured - drafting, predicted_verify, self._verified_drafts)
         if decision is not None and not decision.replayed:
@@ -190,7 +190,7 @@ class CastRunnerMixin:
 
     def _mean_context(self, batch: int) -> float:
         """Tokens already computed per request, averaged over the first ``batch`` rows."""
-        return float(self.input_batch.num_computed_tokens_cpu[:batch].mean())
+        return int(np.add.reduce(self.input_batch.num_computed_tokens_cpu[:batch])) / batch
 
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
