@@ -308,9 +308,9 @@ class CastProposer(EagleProposer):
 
         if drafted.hidden.shape[1] == 1:  # every node's parent is the previous layer's only node
             parent_hidden = drafted.hidden.expand(-1, width, -1)
-        else:
-            parent_slot = torch.from_numpy(frontier.parent_slot).clamp_min(0).to(self.device)
-            parent_hidden = torch.gather(drafted.hidden, 1, parent_slot[:, :, None].expand(-1, -1, drafted.hidden.shape[-1]))
+        else:  # a wider previous layer: no chain, so the mask branch above set parent_slot
+            parent_hidden = torch.gather(drafted.hidden, 1, parent_slot.to(self.device)[:, :, None]
+                                         .expand(-1, -1, drafted.hidden.shape[-1]))
         self.input_ids[:num_tokens] = torch.from_numpy(frontier.tokens.reshape(-1)).to(self.device)
         self.positions[:num_tokens] = torch.from_numpy(
             np.repeat(layer_slots.root_positions + depth, width)).to(self.device)

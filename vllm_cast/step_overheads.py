@@ -121,9 +121,10 @@ class StepOverheads:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
         cheaper than its forwards)."""
         bucket = batch_bucket(batch_size)
+        plain = self._median(self.plain, bucket)
         verify = self.verify.median(bucket)
         steps = tuple(round(max(seconds, 0.0) / RESOLUTION_SECONDS) for seconds in (
-            self._median(self.plain, bucket), self._median(self.plain, bucket) if verify is None else verify,
+            plain, plain if verify is None else verify,
             self._median(self.first_pass, bucket), self._median(self.per_layer, bucket)))
         if not any(steps):
             return costs
@@ -133,7 +134,7 @@ class StepOverheads:
             return known[2]
         plain, verify, first_pass, per_layer = (step * RESOLUTION_SECONDS for step in steps)
 
-        def shifted(curve, by: float):
+        def shifted(curve, by: float | torch.Tensor):
             return None if curve is None else torch.where(curve > 0, curve + by, curve)
 
         def shifted_target(curve):
@@ -142,7 +143,7 @@ class StepOverheads:
                 return None
             by = torch.full_like(curve, verify)
             by[1] = plain
-            return torch.where(curve > 0, curve + by, curve)
+            return shifted(curve, by)
 
         adjusted = dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted_target(costs.target),
                                        chain_target=shifted_target(costs.chain_target),
