@@ -106,3 +106,40 @@ def test_chain_costs_round_trip_and_default_to_tree_costs(tmp_path):
     costs = loaded.at(4, 512, 8)
     assert torch.allclose(costs.verify_curve(chain=True), 0.5 * costs.target)
     assert torch.allclose(costs.causal_draft_curve(), 0.25 * costs.draft)
+
+
+def test_engines_of_different_sizes_keep_their_own_cached_tables(tmp_path, monkeypatch):
+    """An engine that needs more batch or more tokens than the cached table covers profiles
+    its own; engines then alternating between the two sizes (or a smaller one) load a
+    covering table instead of replacing each other's on every start."""
+    from vllm_cast.config import CastParams
+    from vllm_cast.cost_tables import resolve_table
+
+    monkeypatch.setenv("VLLM_CAST_CACHE", str(tmp_path))
+
+    def timer(b, c, n):
+        return 1e-3 * (1.0 + 0.1 * b * n)
+
+    profiled = []
+
+    def engine(max_batch: int, max_tokens: int) -> CostTable:
+        def profile() -> CostTable:
+            profiled.append((max_batch, max_tokens))
+            return profile_table(KEY, timer, timer, [b for b in (1, 4, 16) if b <= max_batch], [128],
+                                 [n for n in (1, 2, 4, 8, 16, 64) if n <= max_tokens], progress=False)
+
+        return resolve_table(CastParams(), KEY, profile, max_tokens, max_batch)
+
+    wide, deep = engine(16, 8), engine(1, 64)
+    assert profiled == [(16, 8), (1, 64)]
+    for _ in range(2):
+        assert engine(16, 8).batch_sizes == wide.batch_sizes
+        assert engine(1, 64).new_tokens == deep.new_tokens
+    assert engine(4, 4).batch_sizes == wide.batch_sizes  # the smallest covering table serves
+    assert profiled == [(16, 8), (1, 64)]
+    corrupt = next((tmp_path / "cost_tables").glob("*-b1-t64.json"))
+    corrupt.write_text("{")
+    engine(1, 64)
+    assert profiled[-1] == (1, 64)
+    with pytest.raises(CostTableError, match="profile='never'"):
+        resolve_table(CastParams(profile="never"), KEY, lambda: None, 128, 1)
