@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def _covering_cached_tables(key: TableKey, max_tokens: int, max_batch: int) -> l
     smallest first."""
     covering = []
     for path in (cache_root() / "cost_tables").glob(f"{_key_digest(key)}-b*-t*.json"):
-        batch, tokens = path.stem.rsplit("-", 2)[1:]
-        if batch[1:].isdigit() and tokens[1:].isdigit() and int(batch[1:]) >= max_batch and int(tokens[1:]) >= max_tokens:
-            covering.append((int(batch[1:]), int(tokens[1:]), path))
+        coverage = re.fullmatch(r"[0-9a-f]+-b(\d+)-t(\d+)", path.stem)
+        if coverage and int(coverage[1]) >= max_batch and int(coverage[2]) >= max_tokens:
+            covering.append((int(coverage[1]), int(coverage[2]), path))
     return [path for *_, path in sorted(covering)]
 
 
