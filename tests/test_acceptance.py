@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vllm_cast.acceptance import MIN_RATE_TRIALS, AcceptanceCalibrator
@@ -28,3 +29,30 @@ def test_no_rate_before_enough_outcomes():
     calibrator.record(torch.full((few,), 0.5), torch.zeros(few, dtype=torch.int64), torch.ones(few, dtype=torch.bool),
                       torch.zeros(few, dtype=torch.bool))
     assert calibrator.first_rank_rate(False) is None
+
+
+def test_each_request_is_scaled_by_its_own_first_rank_record():
+    """Two requests with the same flat draft probabilities: the one whose first-rank
+    children are always accepted gets a higher first-rank estimate than the shared table's,
+    the one whose are never accepted a lower one; siblings keep the shared estimate, and a
+    request's record is dropped once it leaves the batch."""
+    calibrator = AcceptanceCalibrator()
+    generator = torch.Generator().manual_seed(0)
+    n = 200
+    calibrator.record(torch.full((n,), 0.03), torch.zeros(n, dtype=torch.int64), torch.rand(n, generator=generator) < 0.5,
+                      torch.zeros(n, dtype=torch.bool))
+    steps = 6
+    owners = torch.tensor([0, 1] * steps)
+    calibrator.record(torch.full((2 * steps,), 0.03), torch.zeros(2 * steps, dtype=torch.int64), owners == 0,
+                      torch.zeros(2 * steps, dtype=torch.bool), owners.numpy(), owner_ids=["easy", "hard"])
+    probs = np.array([[0.03, 0.02], [0.03, 0.02], [0.03, 0.02]])
+    shared = calibrator.estimator(np.zeros(3, dtype=bool))(probs)
+    scaled = calibrator.estimator(np.zeros(3, dtype=bool), ["easy", "hard", "new"])(probs)
+    assert scaled[0, 0] > shared[0, 0] + 0.2 and scaled[1, 0] < shared[1, 0] - 0.2
+    assert scaled[0, 0] <= 1.0
+    assert scaled[2, 0] == shared[2, 0], "a request without a record takes the shared estimate"
+    assert np.array_equal(scaled[:, 1], shared[:, 1]), "siblings are not scaled"
+    layer = calibrator.estimator(np.zeros(2, dtype=bool), ["easy", "hard"])(np.tile(probs[:2, None, :], (1, 3, 1)))
+    assert np.allclose(layer[:, :, 0], scaled[:2, None, 0]), "every parent's first child is scaled alike"
+    calibrator.retain(["hard"])
+    assert calibrator.estimator(np.zeros(1, dtype=bool), ["easy"])(probs[:1])[0, 0] == shared[0, 0]

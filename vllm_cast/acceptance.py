@@ -8,7 +8,14 @@ makes trees too wide and too shallow. The calibrator learns, from the verificati
 outcomes vLLM already computes, the acceptance rate of a node given that its parent was
 accepted, per (rank among siblings, draft-probability bin), shrunk towards the raw draft
 probability by a Beta prior. It changes only tree shapes, never what is accepted, so
-losslessness is untouched."""
+losslessness is untouched.
+
+How predictable the target is also depends on the request (code and repeated text are
+accepted far more often than open chat at the same draft confidence, and a head with flat
+distributions shows no difference in its probabilities at all), so each request's
+first-rank estimates are scaled by its own record: its accepted first-rank children over
+the number the shared table expected of them, shrunk towards 1 by
+``REQUEST_PRIOR_STRENGTH`` expected acceptances."""
 
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ import torch
 
 MIN_RATE_TRIALS = 32
 """First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
+REQUEST_PRIOR_STRENGTH = 2.0
+"""Expected first-rank acceptances a request's own record counts as before it moves its
+estimates halfway to what it measured."""
 PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
 
 
@@ -46,7 +56,8 @@ class AcceptanceCalibrator:
 
     MODES = 2
 
-    def __init__(self, ranks: int = 4, prior_strength: float = 4.0) -> None:
+    def __init__(self, ranks: int = 4, prior_strength: float = 4.0,
+                 request_prior_strength: float = REQUEST_PRIOR_STRENGTH) -> None:
         self.ranks = ranks
         self.prior_strength = prior_strength
         bins = PROBABILITY_EDGES.numel() - 1
@@ -56,6 +67,9 @@ class AcceptanceCalibrator:
         """Bin boundaries between the first and last bin: a probability's bin is the number
         of them at or below it (0..bins-1, no clipping needed)."""
         self._accepted_np, self._trials_np = self.accepted.numpy(), self.trials.numpy()  # views, same memory
+        self.request_prior_strength = request_prior_strength
+        self.request_records: dict[str, tuple[float, float]] = {}
+        """Per request id: (first-rank children accepted, the shared table's expected count)."""
 
     def _cells(self, probs: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rank and probability-bin cells of draft probabilities and sibling ranks."""
@@ -67,32 +81,77 @@ class AcceptanceCalibrator:
         ``sampled`` ``[B]`` bool: whether each request verifies by sampling (else greedy)."""
         return self.estimator(sampled)(sorted_probs)
 
-    def estimator(self, sampled: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def estimator(self, sampled: np.ndarray, req_ids: list[str] | None = None) -> Callable[[np.ndarray], np.ndarray]:
         """:meth:`__call__` for one step's batch: the per-request counts are looked up once
         here and the returned map (numpy in and out; it runs once per tree layer on tiny
-        arrays) only bins the probabilities. Outcomes recorded later are not seen by it."""
+        arrays) only bins the probabilities. ``req_ids`` ``[B]``: the batch's requests,
+        whose first-rank estimates are scaled by their own records (see module doc).
+        Outcomes recorded later are not seen by it."""
         modes = np.asarray(sampled).astype(np.int64)
         bins = self._trials_np.shape[2]
         hits = self._accepted_np[modes].reshape(modes.size, -1)  # [B, ranks * bins]
         denominators = self._trials_np[modes].reshape(modes.size, -1) + self.prior_strength
+        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
 
         def estimate(sorted_probs: np.ndarray) -> np.ndarray:
             probs = np.asarray(sorted_probs, dtype=np.float64)
             cells = _rank_offsets(probs.shape[-1], self.ranks, bins) + np.searchsorted(
                 self._inner_edges, probs, side="right")
             rows = _rows(modes.size, probs.ndim)
-            return (hits[rows, cells] + self.prior_strength * probs) / denominators[rows, cells]
+            estimates = (hits[rows, cells] + self.prior_strength * probs) / denominators[rows, cells]
+            if factors is not None:
+                first = estimates[..., 0] * factors.reshape(-1, *([1] * (probs.ndim - 2)))
+                estimates[..., 0] = np.minimum(first, 1.0)
+            return estimates
 
         return estimate
 
-    def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray) -> None:
+    def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
+        """``[B]`` each request's accepted over expected first-rank children, shrunk
+        towards 1 (None when no request has a record)."""
+        records = [self.request_records.get(req_id) for req_id in req_ids]
+        if not any(records):
+            return None
+        strength = self.request_prior_strength
+        return np.array([1.0 if record is None else (record[0] + strength) / (record[1] + strength)
+                         for record in records])
+
+    def retain(self, req_ids: list[str]) -> None:
+        """Forget the records of requests not in ``req_ids`` (finished or preempted)."""
+        if any(req_id not in req_ids for req_id in self.request_records):
+            kept = set(req_ids)
+            self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
+
+    def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray,
+               owners: np.ndarray | None = None, owner_ids: list[str] | None = None) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
-        verified by sampling ``[T]`` bool (numpy or CPU tensors)."""
-        rank_cell, bin_cell = self._cells(np.asarray(probs, dtype=np.float64), np.asarray(ranks))
+        verified by sampling ``[T]`` bool (numpy or CPU tensors); optionally each outcome's
+        request as an index ``[T]`` into ``owner_ids`` (adds to that request's record)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        accepted = np.asarray(accepted, dtype=np.float64)
+        rank_cell, bin_cell = self._cells(probs, np.asarray(ranks))
         flat = (np.asarray(sampled).astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
+        if owners is not None and owner_ids is not None:
+            self._add_to_request_records(flat, probs, accepted, rank_cell == 0, np.asarray(owners), owner_ids)
         np.add.at(self._trials_np.reshape(-1), flat, 1.0)
-        np.add.at(self._accepted_np.reshape(-1), flat, np.asarray(accepted, dtype=np.float64))
+        np.add.at(self._accepted_np.reshape(-1), flat, accepted)
+
+    def _add_to_request_records(self, flat: np.ndarray, probs: np.ndarray, accepted: np.ndarray,
+                                first_rank: np.ndarray, owners: np.ndarray, owner_ids: list[str]) -> None:
+        """Add first-rank outcomes (cells ``flat``, ``[T]`` each) to their requests' records,
+        each expected as the shared table estimates it before this step's outcomes."""
+        if not first_rank.any():
+            return
+        cells = flat[first_rank]
+        expected = ((self._accepted_np.reshape(-1)[cells] + self.prior_strength * probs[first_rank])
+                    / (self._trials_np.reshape(-1)[cells] + self.prior_strength))
+        who = owners[first_rank]
+        hits = np.bincount(who, weights=accepted[first_rank], minlength=len(owner_ids))
+        expectations = np.bincount(who, weights=expected, minlength=len(owner_ids))
+        for index in np.unique(who).tolist():
+            old_hits, old_expected = self.request_records.get(owner_ids[index], (0.0, 0.0))
+            self.request_records[owner_ids[index]] = (old_hits + hits[index], old_expected + expectations[index])
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,

@@ -163,7 +163,7 @@ class CastProposer(EagleProposer):
         costs = self.overheads.adjust(batch, table_costs)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
-                                  calibrate=self.calibrator.estimator(sampled.numpy())
+                                  calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
                                   if self.cast_params.acceptance_calibration else None,
                                   first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
         frontier = builder.start_top(*self._top_children(normed))

@@ -251,9 +251,9 @@ class CastRunnerMixin:
         return output
 
     def _record_acceptance(self) -> None:
-        """Feed the drafter's calibrator with this step's outcomes: every first-layer
-        candidate drafted last step (accepted iff it is the token the target drew after
-        the root) and every deeper verified node whose parent was accepted."""
+        """Feed the drafter's calibrator with this step's outcomes, each with its request:
+        every first-layer candidate drafted last step (accepted iff it is the token the
+        target drew after the root) and every deeper verified node whose parent was accepted."""
         if self._root_candidates is None:
             return
         drafted_ids, root_tokens, root_probs = self._root_candidates
@@ -269,6 +269,7 @@ class CastRunnerMixin:
         probs, ranks = [root_probs[before].ravel()], [np.tile(np.arange(k), len(now))]
         accepted = [(root_tokens[before] == first_tokens[:, None]).ravel()]
         sampled = [np.repeat(self._sampled.numpy()[now], k)]
+        owners = [np.repeat(now, k)]
         for index in now.tolist():
             tree = self._step_trees[index]
             if tree is None or tree.draft_probs is None or len(tree) <= 2:
@@ -281,7 +282,9 @@ class CastRunnerMixin:
             ranks.append(tree.ranks.numpy()[1:][deeper])
             accepted.append(on_path[1:][deeper])
             sampled.append(np.full(int(deeper.sum()), bool(self._sampled[index])))
-        self.drafter.calibrator.record(*(np.concatenate(column) for column in (probs, ranks, accepted, sampled)))
+            owners.append(np.full(int(deeper.sum()), index))
+        self.drafter.calibrator.record(*(np.concatenate(column) for column in (probs, ranks, accepted, sampled, owners)),
+                                       owner_ids=current_ids)
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
@@ -298,6 +301,7 @@ class CastRunnerMixin:
         self._flags_by_request = {
             req_id: known[req_id] if req_id in known else flags(self.requests[req_id].sampling_params)
             for req_id in req_ids}
+        self.drafter.calibrator.retain(req_ids)
         values = list(self._flags_by_request.values())
         self._all_sampled = all(sampled for _, sampled in values)
         return [plain for plain, _ in values], torch.tensor([sampled for _, sampled in values], dtype=torch.bool)
