@@ -41,7 +41,7 @@ def test_each_request_is_scaled_by_its_own_first_rank_record():
     n = 200
     calibrator.record(torch.full((n,), 0.03), torch.zeros(n, dtype=torch.int64), torch.rand(n, generator=generator) < 0.5,
                       torch.zeros(n, dtype=torch.bool))
-    steps = 6
+    steps = 24
     owners = torch.tensor([0, 1] * steps)
     calibrator.record(torch.full((2 * steps,), 0.03), torch.zeros(2 * steps, dtype=torch.int64), owners == 0,
                       torch.zeros(2 * steps, dtype=torch.bool), owners.numpy(), owner_ids=["easy", "hard"])
