@@ -121,8 +121,8 @@ class AcceptanceCalibrator:
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget the records of requests not in ``req_ids`` (finished or preempted)."""
-        if any(req_id not in req_ids for req_id in self.request_records):
-            kept = set(req_ids)
+        kept = set(req_ids)
+        if not self.request_records.keys() <= kept:
             self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
 
     def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray,
