@@ -25,6 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from vllm_cast.batch_rows import row_numbers
+
 MIN_RATE_TRIALS = 32
 """First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
 REQUEST_PRIOR_STRENGTH = 8.0
@@ -42,14 +44,6 @@ def _rank_offsets(children: int, ranks: int, bins: int) -> np.ndarray:
     offsets = np.minimum(np.arange(children), ranks - 1) * bins
     offsets.flags.writeable = False
     return offsets
-
-
-@functools.cache
-def _rows(batch: int, ndim: int) -> np.ndarray:
-    """``[B, 1, ...]`` row numbers that index ``ndim``-dimensional per-request arrays."""
-    rows = np.arange(batch).reshape(-1, *([1] * (ndim - 1)))
-    rows.flags.writeable = False
-    return rows
 
 
 class AcceptanceCalibrator:
@@ -100,7 +94,7 @@ class AcceptanceCalibrator:
             probs = np.asarray(sorted_probs, dtype=np.float64)
             cells = _rank_offsets(probs.shape[-1], self.ranks, bins) + np.searchsorted(
                 self._inner_edges, probs, side="right")
-            rows = _rows(modes.size, probs.ndim)
+            rows = row_numbers(modes.size, probs.ndim)
             estimates = (hits[rows, cells] + self.prior_strength * probs) / denominators[rows, cells]
             if factors is not None:
                 first = estimates[..., 0] * factors.reshape(-1, *([1] * (probs.ndim - 2)))

@@ -15,7 +15,6 @@ counts per request (the draft forward still runs at the widest request's width).
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_cast.batch_rows import row_numbers
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.selection import batched_select_max_valid_index, select_max_valid_index
@@ -85,18 +85,10 @@ def _descending(values: np.ndarray) -> np.ndarray:
     return (-values).argsort(axis=1, kind="stable")
 
 
-@functools.cache
-def _row_index(batch: int) -> np.ndarray:
-    """``[B, 1]`` row numbers (read-only; cached per batch size)."""
-    rows = np.arange(batch)[:, None]
-    rows.flags.writeable = False
-    return rows
-
-
 def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``values[b, index[b, j]]`` for ``[B, C]`` values and ``[B, J]`` indices (the fast
     spelling of ``np.take_along_axis(values, index, 1)`` for these tiny arrays)."""
-    return values[_row_index(values.shape[0]), index]
+    return values[row_numbers(values.shape[0]), index]
 
 
 def _column_mean(values: np.ndarray) -> np.ndarray:
