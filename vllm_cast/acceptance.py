@@ -87,7 +87,7 @@ class AcceptanceCalibrator:
         modes = np.asarray(sampled).astype(np.int64)
         bins = self._trials_np.shape[2]
         hits = self._accepted_np[modes].reshape(modes.size, -1)  # [B, ranks * bins]
-        denominators = self._trials_np[modes].reshape(modes.size, -1) + self.prior_strength
+        trials = self._trials_np[modes].reshape(modes.size, -1)
         factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
 
         def estimate(sorted_probs: np.ndarray) -> np.ndarray:
@@ -95,13 +95,18 @@ class AcceptanceCalibrator:
             cells = _rank_offsets(probs.shape[-1], self.ranks, bins) + np.searchsorted(
                 self._inner_edges, probs, side="right")
             rows = row_numbers(modes.size, probs.ndim)
-            estimates = (hits[rows, cells] + self.prior_strength * probs) / denominators[rows, cells]
+            estimates = self._shrunk(hits[rows, cells], trials[rows, cells], probs)
             if factors is not None:
                 first = estimates[..., 0] * factors.reshape(-1, *([1] * (probs.ndim - 2)))
                 estimates[..., 0] = np.minimum(first, 1.0)
             return estimates
 
         return estimate
+
+    def _shrunk(self, hits: np.ndarray, trials: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Acceptance estimates of cells with ``hits`` of ``trials`` outcomes, shrunk towards
+        the raw draft probabilities ``probs`` by the Beta prior (same shapes)."""
+        return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
     def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
         """``[B]`` each request's accepted over expected first-rank children, shrunk
@@ -141,8 +146,8 @@ class AcceptanceCalibrator:
         if not first_rank.any():
             return
         cells = flat[first_rank]
-        expected = ((self._accepted_np.reshape(-1)[cells] + self.prior_strength * probs[first_rank])
-                    / (self._trials_np.reshape(-1)[cells] + self.prior_strength))
+        expected = self._shrunk(self._accepted_np.reshape(-1)[cells], self._trials_np.reshape(-1)[cells],
+                                probs[first_rank])
         who = owners[first_rank]
         hits = np.bincount(who, weights=accepted[first_rank], minlength=len(owner_ids))
         expectations = np.bincount(who, weights=expected, minlength=len(owner_ids))

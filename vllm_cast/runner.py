@@ -289,7 +289,8 @@ class CastRunnerMixin:
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
         verify by sampling (``[B]`` bool; else greedy)? Memoised per request id; also sets
-        ``_all_sampled``."""
+        ``_all_sampled`` and, when the batch changed, drops the calibrator's records of the
+        requests that left it."""
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         if list(self._flags_by_request) == req_ids:
             return self._plain, self._sampled  # same batch as last step
