@@ -79,9 +79,10 @@ class ConfigurationProcess:
 
 def run_interleaved(processes: list[ConfigurationProcess], cells: list, repeats: int) -> list[dict]:
     """Every cell on every configuration in turn, ``repeats`` times, each repeat starting at
-    another configuration (the first to run after another cell measured up to ~5% slower:
-    two vanilla engines read 1.00-1.06x apart in a fixed order); per (config, cell) the repeat
-    with the median tokens/s is kept."""
+    another configuration (so no configuration always runs first after a cell change; two
+    vanilla engines read 1.00-1.06x apart in a fixed order and 0.99-1.07x with the rotation,
+    so that spread is this machine's noise, not the order); per (config, cell) the repeat with
+    the median tokens/s is kept."""
     rows = []
     for cell in tqdm(cells, desc="cells", unit="cell"):
         samples: dict[str, list[dict]] = {p.name: [] for p in processes}
@@ -107,12 +108,10 @@ def add_derived(rows: list[dict]) -> list[dict]:
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / vanilla[cell(row)]
     chains = [row for row in rows if row["config"].startswith("eagle3_chain_")]
-    speedups: dict[tuple, list[float]] = {}
-    for row in chains:
-        speedups.setdefault((row["temperature"], row["batch_size"], row["config"]), []).append(row["speedup"])
     best: dict[tuple, tuple[float, str]] = {}
-    for (temperature, batch, config), values in speedups.items():
-        best[temperature, batch] = max(best.get((temperature, batch), (0.0, "")), (statistics.fmean(values), config))
+    for entry in summarise(chains, sorted({row["config"] for row in chains})):
+        key = entry["temperature"], entry["batch_size"]
+        best[key] = max(best.get(key, (0.0, "")), (entry["speedup"], entry["config"]))
     return rows + [{**row, "config": "eagle3_chain_best", "chain_k": int(row["config"].rsplit("k", 1)[1])}
                    for row in chains if best[row["temperature"], row["batch_size"]][1] == row["config"]]
 
