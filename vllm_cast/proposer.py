@@ -26,6 +26,7 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm_cast import pricing
 from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
+from vllm_cast.batch_rows import row_numbers
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
@@ -85,9 +86,9 @@ class _LayerSlots:
     def of(cls, root_positions: torch.Tensor, block_table: torch.Tensor, block_size: int, nodes: int) -> _LayerSlots:
         """From the roots' positions ``[B]`` and the block table ``[B, max_blocks]``."""
         positions = root_positions.cpu().numpy().astype(np.int64)
-        logical = positions[:, None] + 1 + np.arange(nodes)[None, :]
-        table = block_table.cpu()[: positions.size].numpy()
-        block_ids = np.take_along_axis(table, np.minimum(logical // block_size, table.shape[1] - 1), 1)
+        logical = positions[:, None] + (1 + np.arange(nodes))
+        table = block_table.cpu().numpy()
+        block_ids = table[row_numbers(positions.size), np.minimum(logical // block_size, table.shape[1] - 1)]
         return cls(positions, (positions + 1).astype(np.int32), block_ids.astype(np.int64) * block_size + logical % block_size)
 
 

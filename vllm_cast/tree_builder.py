@@ -320,9 +320,12 @@ class CastTreeBuilder:
         chosen = np.minimum(chosen, candidates - 1)  # padding points at any candidate; cut below
 
         def with_root(root_value, column: np.ndarray, dtype) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate([np.broadcast_to(root_value, (b, 1)), column], 1).astype(dtype))
+            rows_with_root = np.empty((b, column.shape[1] + 1), dtype=dtype)
+            rows_with_root[:, 0] = root_value
+            rows_with_root[:, 1:] = column
+            return torch.from_numpy(rows_with_root)
 
-        tree_tokens = with_root(np.asarray(root_tokens).astype(np.int64)[:, None], tokens[rows, chosen], np.int64)
+        tree_tokens = with_root(np.asarray(root_tokens), tokens[rows, chosen], np.int64)
         tree_parents = with_root(-1, node_of_pool[rows, parents[rows, chosen]], np.int64)
         tree_values = with_root(1.0, values[rows, chosen], np.float32)
         tree_probs = with_root(1.0, draft_probs[rows, chosen], np.float32)
