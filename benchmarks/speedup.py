@@ -43,7 +43,7 @@ def configurations(draft: str) -> dict[str, dict | None]:
         "eagle2_tree_default": fixed(top_k=10, depth=5, total_tokens=60),
         "eagle2_tree_tuned": fixed(top_k=4, depth=4, total_tokens=16),
         "cast": {"method": "cast", "model": draft},
-        "cast_auto_c2": {"method": "cast", "model": draft, "depth_threshold": "auto"},
+        "cast_paper_c2": {"method": "cast", "model": draft, "depth_threshold": 3.0},
         "cast_c1": {"method": "cast", "model": draft, "breadth_threshold": 1.0, "depth_threshold": 1.0,
                     "verify_threshold": 1.0},
     }
@@ -169,7 +169,7 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-REPORTED = ["vanilla", "vanilla_again", "eagle3_chain_best", "eagle2_tree_default", "eagle2_tree_tuned", "cast", "cast_auto_c2", "cast_c1"]
+REPORTED = ["vanilla", "vanilla_again", "eagle3_chain_best", "eagle2_tree_default", "eagle2_tree_tuned", "cast", "cast_paper_c2", "cast_c1"]
 
 
 def main() -> None:

@@ -114,10 +114,11 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
 
 
 def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):
-    """T=1 on this fixture: CAST declines every tree, so its only speculative samples are
-    dormant probes. Their row counts were set up at start-up (vllm_cast.cpu_gemm), so they
-    count as throughput samples; once they measure slower than plain decoding, later
-    requests are undrafted from their prompt on (no draft pass over long prompts)."""
+    """T=1 on this fixture, one request at a time: each request's solo probes (and any
+    dormant probes) measure slower than plain decoding, so it is undrafted; once no recent
+    probe paid, later requests are undrafted from their prompt on (no draft pass over long
+    prompts). Probe row counts were set up at start-up (vllm_cast.cpu_gemm), so they count
+    as throughput samples."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=0)

@@ -120,7 +120,8 @@ def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():
     measurement that speculating is slower must still make speculation hopeless there."""
     throughput = MeasuredThroughput()
     proposer = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
-                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False)
+                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False,
+                               _solo_slower=lambda all_sampled: None, awaits_solo_probe=lambda all_sampled: False)
     assert not CastProposer.speculation_hopeless(proposer, 16, 300.0, False), "priced: a chain can pay"
     _record(throughput, 16, speculative=True, tokens=20, seconds=0.020)  # 1000 tokens/s
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s

@@ -30,6 +30,7 @@ from vllm_cast.batch_rows import row_numbers
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
+from vllm_cast.solo_probes import SoloProbes
 from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.throughput import MeasuredThroughput
 from vllm_cast.tree import FlatTree
@@ -116,6 +117,7 @@ class CastProposer(EagleProposer):
         even while speculation measures slower, which keeps those measurements fresh)."""
         self._hopeless_memo: dict[tuple[int, int, bool], bool] = {}
         self._hopeless_calls = 0
+        self.solo = SoloProbes()
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.last_trees: list[FlatTree] = []
@@ -163,6 +165,9 @@ class CastProposer(EagleProposer):
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
+        if self.awaits_solo_probe(bool(sampled.all())):
+            return self._probe(normed, hidden, cad, layer_slots, next_token_ids, sampled, table_costs,
+                               first_pass_tokens, first_pass_rows)
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
                                   calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
                                   if self.cast_params.acceptance_calibration else None,
@@ -189,7 +194,7 @@ class CastProposer(EagleProposer):
         decision.measured_layer_seconds = layer_seconds
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
-        measured_decline = self._speculated_last_call and self.throughput.should_decline(batch, bool(sampled.all()))
+        measured_decline = self._measured_decline(batch, bool(sampled.all()))
         if self.cast_params.decline_unprofitable and any(decision.verified) and (
                 measured_decline or not pricing.beats_plain_decoding(
                     costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
@@ -206,6 +211,69 @@ class CastProposer(EagleProposer):
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 
+    def awaits_solo_probe(self, all_sampled: bool) -> bool:
+        """Whether this step's batch is one request whose next drafting step is a probe
+        (vllm_cast.solo_probes; it drafts now, dormant or not)."""
+        return (len(self.batch_req_ids) == 1 and self.cast_params.decline_unprofitable
+                and (self.draftable is None or self.draftable[0])
+                and self.solo.wants_probe(self.batch_req_ids[0], all_sampled))
+
+    def _probe(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
+               layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
+               table_costs: StepCosts, first_pass_tokens: int, first_pass_rows: float) -> list[list[int]]:
+        """A probe for the one request decoding alone (normed/pre-norm first-pass hidden
+        states ``[1, H]``): a top-1 chain as deep as ``max_depth`` and the node budget
+        allow, verified whole, priced and recorded like any step's trees."""
+        self.solo.drafted_probe(self.batch_req_ids[0])
+        depth = min(self.cast_params.max_depth, self.max_nodes)
+        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
+        drafted = _DraftedNodes(hidden=hidden[:, None, :])
+        probs, tokens = self._top_children(normed)
+        self.last_root_candidates = (tokens, probs)
+        chain_probs, chain_tokens = [probs[0, 0]], [tokens[0, 0]]
+        loop_started = time.perf_counter()
+        for layer in range(1, depth):
+            frontier = Frontier(tokens=tokens[:, :1], parent_slot=np.full((1, 1), -1 if layer == 1 else 0),
+                                valid=np.ones((1, 1), dtype=bool), pool_index=np.full((1, 1), layer))
+            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad, depth=layer)
+            drafted.offset, drafted.hidden = drafted.count - 1, layer_hidden.view(1, 1, -1)
+            probs, tokens = self._top_children(normed)
+            chain_probs.append(probs[0, 0])
+            chain_tokens.append(tokens[0, 0])
+        estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(np.array(chain_probs)[None, :, None])
+        tree = FlatTree.chain(int(next_token_ids[0]), chain_tokens, np.cumprod(estimates.ravel()), chain_probs)
+        self.last_trees = [tree]
+        decision = self.last_decision = StepDecision(widths=[1] * depth, verified=[depth],
+                                                     expected_accepted=float(tree.values[1:].sum()))
+        decision.draft_forward_tokens = [first_pass_tokens, *([1] * (depth - 1))]
+        decision.measured_layer_seconds = time.perf_counter() - loop_started
+        self._speculated_last_call = True
+        self.dormancy.wake()
+        decision.predicted_first_pass_seconds = pricing.first_pass_seconds(table_costs, first_pass_rows)
+        decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, [1] * (depth - 1))
+        decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, depth, True)
+        return [tree.draft_tokens]
+
+    def _solo_slower(self, all_sampled: bool) -> bool | None:
+        """For one probed request decoding alone, whether its own speculative steps measured
+        slower than plain decoding (vllm_cast.solo_probes); None for any other batch."""
+        if len(self.batch_req_ids) != 1:
+            return None
+        return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled))
+
+    def _measured_decline(self, batch: int, all_sampled: bool) -> bool:
+        """Whether measured throughput declines this step's trees: a probed solo request's
+        own verdict, else the batch size's pooled one right after a speculating step."""
+        solo = self._solo_slower(all_sampled)
+        if solo is not None:
+            return solo
+        return self._speculated_last_call and self.throughput.should_decline(batch, all_sampled)
+
+    def retain(self, req_ids: list[str]) -> None:
+        """Forget per-request state of requests not in ``req_ids`` (finished or preempted)."""
+        self.calibrator.retain(req_ids)
+        self.solo.retain(req_ids)
+
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: speculating measured
         slower than plain decoding here (vllm_cast.throughput), or with the learned
@@ -214,8 +282,15 @@ class CastProposer(EagleProposer):
         ``pricing.no_chain_can_pay``). Then the batch's requests are not drafted at all (the
         runner's ``_skip_drafting``). The measured verdict is read afresh on every call; the
         priced one is memoised per batch size, context bucket and mode, and all priced
-        verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls."""
+        verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
+        alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once
+        they measured slower, never before its probes have run."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
+            return False
+        solo = self._solo_slower(all_sampled)
+        if solo is not None:
+            return solo
+        if self.awaits_solo_probe(all_sampled):
             return False
         if self.throughput.measured_slower(batch_size, all_sampled):
             return True

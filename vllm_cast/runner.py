@@ -174,8 +174,13 @@ class CastRunnerMixin:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_first_pass_seconds,
                                                    decision.measured_layer_seconds, decision.predicted_layer_seconds,
                                                    len(decision.draft_forward_tokens) - 1)
-        self.drafter.throughput.record(batch, self._all_sampled, self._verified_drafts or decision is not None,
-                                       self._emitted_tokens, measured)
+        speculative = self._verified_drafts or decision is not None
+        throughput = self.drafter.throughput
+        if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
+            self.drafter.solo.resume_probing(self._all_sampled)
+        if speculative and batch == 1:
+            self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
+                                     throughput.plain_rate(1, self._all_sampled))
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
@@ -302,7 +307,7 @@ class CastRunnerMixin:
         self._flags_by_request = {
             req_id: known[req_id] if req_id in known else flags(self.requests[req_id].sampling_params)
             for req_id in req_ids}
-        self.drafter.calibrator.retain(req_ids)
+        self.drafter.retain(req_ids)
         values = list(self._flags_by_request.values())
         self._all_sampled = all(sampled for _, sampled in values)
         return [plain for plain, _ in values], torch.tensor([sampled for _, sampled in values], dtype=torch.bool)
@@ -349,6 +354,7 @@ class CastRunnerMixin:
                                 common_attn_metadata, slot_mappings):
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        self.drafter.batch_req_ids = req_ids
         if self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids):
             self._root_candidates = None
             return [[] for _ in req_ids]
@@ -356,7 +362,6 @@ class CastRunnerMixin:
         self.drafter.draftable = [plain and req_id not in self._undrafted
                                   for plain, req_id in zip(self._plain, req_ids)]
         self.drafter.sampled_rows = self._sampled
-        self.drafter.batch_req_ids = req_ids
         started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
@@ -394,7 +399,7 @@ class CastRunnerMixin:
                 keep[:] = False
                 dormancy.forget()
             else:
-                if not dormancy.should_skip(int(lengths[keep].sum())):
+                if self.drafter.awaits_solo_probe(self._all_sampled) or not dormancy.should_skip(int(lengths[keep].sum())):
                     return False
                 self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
         self.drafter.skipped_steps += 1

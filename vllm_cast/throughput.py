@@ -27,7 +27,11 @@ turns compute-bound and every request's tree adds rows), so a batch size where i
 slower rules out the larger ones without exploring each (under continuous batching the batch
 size moves through several buckets, and exploring each one drafted new prompts in every
 bucket). When such a bucket goes stale, the smaller buckets' speculative samples are dropped
-too, so that evidence is measured afresh as well."""
+too, so that evidence is measured afresh as well.
+
+A request decoding alone is judged on its own probes instead (vllm_cast.solo_probes); its
+steps still add to the batch-size-1 bucket, whose verdict rules the larger buckets and the
+solo requests that are not probed."""
 
 from __future__ import annotations
 
@@ -82,21 +86,24 @@ class MeasuredThroughput:
         self.stale_after: dict[tuple[int, bool], int] = {}
         """Per (bucket, mode): plain steps until its speculative samples go stale."""
 
-    def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> None:
-        """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``."""
+    def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> bool:
+        """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``.
+        Returns whether this step made speculative samples stale (they were dropped)."""
         if seconds <= 0:
-            return
+            return False
         key = (batch_bucket(batch_size), all_sampled)
         self.rates.add((*key, speculative), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
-        if since >= stale_after:
+        went_stale = since >= stale_after
+        if went_stale:
             for smaller_or_same in range(key[0] + 1):
                 self.rates.forget((smaller_or_same, all_sampled, True))
             self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
         self._reset_wait_if_paying(batch_size, all_sampled)
+        return went_stale
 
     def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float,
                                accepted_drafts: int = 0) -> None:
@@ -114,6 +121,11 @@ class MeasuredThroughput:
         key = (batch_bucket(batch_size), all_sampled)
         if key in self.stale_after and self._slower(*key) is False:
             del self.stale_after[key]
+
+    def plain_rate(self, batch_size: int, all_sampled: bool) -> float | None:
+        """Plain decoding's tokens per second at this batch size's bucket and mode (None:
+        fewer than ``MIN_STEPS`` plain steps measured)."""
+        return self.rates.rate((batch_bucket(batch_size), all_sampled, False))
 
     def _rates(self, bucket: int, all_sampled: bool) -> tuple[float | None, float | None]:
         """Speculative and plain tokens per second of one bucket and mode (None: too few steps)."""

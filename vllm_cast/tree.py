@@ -9,6 +9,7 @@ parent ``-1`` past each tree's length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,16 @@ class FlatTree:
 
         return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length],
                         cut(self.draft_probs), cut(self.ranks))
+
+    @classmethod
+    def chain(cls, root_token: int, tokens: Sequence[int], values: Sequence[float], draft_probs: Sequence[float]) -> FlatTree:
+        """A chain below ``root_token``: each node's token, path value and draft
+        probability (``[D]`` each), every node its parent's first-ranked child."""
+        depth = len(tokens)
+        return cls(tokens=torch.tensor([root_token, *tokens], dtype=torch.int64), parents=torch.arange(-1, depth),
+                   values=torch.tensor([1.0, *values], dtype=torch.float32),
+                   draft_probs=torch.tensor([1.0, *draft_probs], dtype=torch.float32),
+                   ranks=torch.zeros(depth + 1, dtype=torch.int64))
 
     @property
     def is_chain(self) -> bool:

@@ -1,0 +1,83 @@
+"""Judging a request that decodes alone on its own probes (vllm_cast.solo_probes)."""
+
+from __future__ import annotations
+
+from conftest import greedy_token_ids
+
+from vllm_cast.prompts import load_prompts
+from vllm_cast.solo_probes import PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
+
+PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
+
+
+def _probe_and_measure(solo: SoloProbes, req_id: str, tokens_per_step: int, seconds_per_step: float,
+                       sampled: bool = False) -> None:
+    """Draft a request's probes and record each one's verification step."""
+    while solo.wants_probe(req_id, sampled):
+        solo.drafted_probe(req_id)
+        solo.record(req_id, sampled, tokens_per_step, seconds_per_step, PLAIN_RATE)
+
+
+def test_a_solo_request_is_judged_on_its_own_probes():
+    solo = SoloProbes()
+    assert solo.slower("a", PLAIN_RATE) is None, "not probed: the pooled verdict rules it"
+    assert solo.wants_probe("a", False)
+    solo.drafted_probe("a")
+    solo.record("a", False, 1, 0.010, PLAIN_RATE)  # 100 tokens/s
+    assert solo.slower("a", PLAIN_RATE) is False, "one step is no verdict yet"
+    assert solo.wants_probe("a", False) == (PROBE_STEPS > 1)
+    _probe_and_measure(solo, "a", 1, 0.010)
+    assert solo.slower("a", PLAIN_RATE), "100 tokens/s against plain decoding's 200"
+    assert not solo.wants_probe("a", False), "a request drafts its probes once"
+    _probe_and_measure(solo, "b", 7, 0.020)
+    assert solo.slower("b", PLAIN_RATE) is False, "350 tokens/s: keeps speculating"
+    assert solo.slower("b", None) is False, "plain decoding unmeasured: no verdict"
+    solo.record("c", False, 1, 0.010, PLAIN_RATE)
+    assert solo.slower("c", PLAIN_RATE) is None, "steps of unprobed requests are not recorded"
+
+
+def test_probing_stops_in_a_mode_where_no_recent_probe_paid_until_resumed():
+    solo = SoloProbes()
+    for index in range(PROBE_OUTCOMES - 1):
+        _probe_and_measure(solo, f"slow{index}", 1, 0.010, sampled=True)
+    _probe_and_measure(solo, "fast", 7, 0.020, sampled=True)
+    assert solo.wants_probe("next", True), "one of the recent probed requests paid"
+    for index in range(PROBE_OUTCOMES):
+        _probe_and_measure(solo, f"later{index}", 1, 0.010, sampled=True)
+    assert not solo.wants_probe("next", True), f"none of the last {PROBE_OUTCOMES} probed requests paid"
+    assert solo.wants_probe("next", False), "greedy requests are judged apart"
+    solo.resume_probing(True)
+    assert solo.wants_probe("next", True)
+
+
+def test_finished_requests_are_forgotten():
+    solo = SoloProbes()
+    _probe_and_measure(solo, "a", 1, 0.010)
+    _probe_and_measure(solo, "b", 1, 0.010)
+    solo.retain(["b"])
+    assert solo.slower("a", PLAIN_RATE) is None and solo.slower("b", PLAIN_RATE)
+
+
+def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default_cast_llm, monkeypatch):
+    """Real engine, one greedy request at a time: each request's first drafting steps are
+    top-1 chains of max_depth nodes (the node budget allows 16), and output is vanilla's."""
+    runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    drafter = runner.drafter
+    probes: list[tuple[str, int, bool]] = []
+    draft_probe = drafter._probe
+
+    def recorded_probe(*args, **kwargs):
+        drafts = draft_probe(*args, **kwargs)
+        tree = drafter.last_trees[0]
+        probes.append((drafter.batch_req_ids[0], len(tree) - 1, tree.is_chain))
+        return drafts
+
+    monkeypatch.setattr(drafter, "_probe", recorded_probe)
+    drafter.solo.resume_probing(False)
+    prompts = load_prompts("qa", limit=2) + load_prompts("mt_bench", limit=1)
+    for prompt in prompts:
+        assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)
+    requests = {req_id for req_id, _, _ in probes}
+    assert len(requests) == len(prompts), f"probed {len(requests)} of {len(prompts)} solo requests"
+    assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in probes), probes
+    assert all(sum(1 for r, _, _ in probes if r == req_id) <= PROBE_STEPS for req_id in requests)

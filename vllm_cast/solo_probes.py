@@ -1,0 +1,79 @@
+"""Judging a request that decodes alone on its own drafts.
+
+At batch size 1 a step's speed is one request's, and how far the draft head's guesses run
+differs most between requests (code and extractive answers against open chat), so the
+pooled verdict of vllm_cast.throughput, formed on earlier requests, says little about the
+next one. A request decoding alone is judged on its own instead: its first
+``PROBE_STEPS`` drafting steps are probes, top-1 chains as deep as allowed and verified
+whole (the most a step can gain if the request is predictable, and the quickest way for the
+calibrator to learn its record); it keeps speculating while its own speculative steps,
+from its first, measure no fewer tokens per second than plain decoding at batch size 1, and
+is no longer drafted once they measure fewer. Two probes, not one, because a response's
+first tokens are its least predictable (one probe at the first decode step lost alpaca
+requests whose later drafts ran 4-5 tokens deep).
+
+Probing costs a request its prompt's draft pass and its probe steps. While none of the last
+``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
+this head: never), new solo requests are not probed and the pooled verdict rules them,
+until the pooled speculative samples go stale (vllm_cast.throughput) and probing resumes."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from vllm_cast.throughput import RecentTotals
+
+PROBE_STEPS = 2
+"""Drafting steps of a solo request that are probes, and its speculative steps before its
+own verdict (measured at greedy B=1, 32 tokens, six tasks side by side: one probe 1.07x,
+two 1.14x of vanilla, the EAGLE-3 chain with 4 tokens 1.09x)."""
+PROBE_OUTCOMES = 8
+"""Recent probed requests per verification mode; probing stops while none of them paid."""
+
+
+class SoloProbes:
+    """Per request decoding alone: probes drafted and speculative (tokens, seconds) steps;
+    per verification mode (greedy False, all sampled True): whether recent probed requests
+    paid (see module doc)."""
+
+    def __init__(self) -> None:
+        self.probes_drafted: Counter[str] = Counter()
+        self.steps = RecentTotals()
+        self.paid: dict[bool, deque[bool]] = {mode: deque(maxlen=PROBE_OUTCOMES) for mode in (False, True)}
+
+    def wants_probe(self, req_id: str, all_sampled: bool) -> bool:
+        """Whether this solo request's next drafting step is a probe."""
+        paid = self.paid[all_sampled]
+        return self.probes_drafted[req_id] < PROBE_STEPS and (len(paid) < PROBE_OUTCOMES or any(paid))
+
+    def drafted_probe(self, req_id: str) -> None:
+        self.probes_drafted[req_id] += 1
+
+    def record(self, req_id: str, all_sampled: bool, tokens: int, seconds: float, plain_rate: float | None) -> None:
+        """One speculative decode step of a probed request decoding alone (``tokens``
+        emitted in ``seconds``); ``plain_rate``: plain decoding's tokens per second at batch
+        size 1 (None: not measured). Its ``PROBE_STEPS``-th step settles whether probing it paid."""
+        if req_id not in self.probes_drafted or seconds <= 0:
+            return
+        self.steps.add(req_id, (tokens, seconds))
+        if len(self.steps.windows[req_id]) == PROBE_STEPS:
+            self.paid[all_sampled].append(not self.slower(req_id, plain_rate))
+
+    def slower(self, req_id: str, plain_rate: float | None) -> bool | None:
+        """None for a request that was not probed; else whether its speculative steps
+        measured fewer tokens per second than ``plain_rate`` (False until ``PROBE_STEPS``
+        of them and plain decoding are measured)."""
+        if req_id not in self.probes_drafted:
+            return None
+        rate = self.steps.rate(req_id, min_steps=PROBE_STEPS)
+        return rate is not None and plain_rate is not None and rate < plain_rate
+
+    def resume_probing(self, all_sampled: bool) -> None:
+        """Forget whether recent probes paid in this mode (the pooled samples went stale)."""
+        self.paid[all_sampled].clear()
+
+    def retain(self, req_ids: list[str]) -> None:
+        """Forget requests not in ``req_ids`` (finished or preempted)."""
+        for req_id in set(self.probes_drafted) - set(req_ids):
+            del self.probes_drafted[req_id]
+            self.steps.forget(req_id)
