@@ -54,12 +54,14 @@ def test_verifying_steps_price_their_own_overhead_from_the_plain_step_on():
         overheads.record_step(1, measured=1.5, predicted=1.0, verified_drafts=False)
     until_measured = overheads.adjust(1, costs)
     assert torch.allclose(until_measured.target[1:], costs.target[1:] + 0.5), "verify overhead defaults to plain"
+    assert until_measured.verification_overhead == 0.0
     for _ in range(MIN_SAMPLES):
         overheads.record_step(1, measured=3.0, predicted=1.2, verified_drafts=True)
     adjusted = overheads.adjust(1, costs)
     assert abs(float(adjusted.target[1] - costs.target[1]) - 0.5) < 1e-9
     assert torch.allclose(adjusted.target[2:], costs.target[2:] + 1.8)
     assert torch.allclose(adjusted.chain_target[2:], costs.chain_target[2:] + 1.8)
+    assert abs(adjusted.verification_overhead - 1.3) < 1e-9, "the fixed cost of verifying at all, beyond plain's"
 
 
 def test_adjusted_costs_are_reused_until_an_overhead_moves_by_the_resolution():

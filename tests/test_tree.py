@@ -126,6 +126,35 @@ def test_auto_depth_drafts_deeper_when_layers_are_cheaper():
     assert 1 <= dear < cheap
 
 
+def _confident_chain_depth(verification_overhead: float, counted_as_fixed: bool) -> int:
+    """Depth of a default-parameter tree over confident drafts (top child 0.93) when every
+    verification pays ``verification_overhead`` plain steps on top of its forward, either
+    declared as the fixed overhead it is or left inside the curve."""
+    n = torch.arange(18, dtype=torch.float64)
+    positive = (n > 0).double()
+    verifying = (n > 1).double() * verification_overhead
+    costs = StepCosts(draft=0.25 * positive, target=(1.0 + 0.05 * (n - 1) + verifying) * positive,
+                      chain_target=(1.0 + 0.02 * (n - 1) + verifying) * positive,
+                      verification_overhead=verification_overhead if counted_as_fixed else 0.0)
+    builder = CastTreeBuilder(CastParams(node_top_k=2, max_depth=6, acceptance_calibration=False), costs,
+                              max_nodes=16, first_pass_cost=0.3)
+    probs = torch.zeros(1, 8)
+    probs[0, :2] = torch.tensor([0.93, 0.02])
+    frontier = builder.start(probs)
+    while frontier is not None:
+        frontier = builder.expand(probs.expand(frontier.width, -1)[None])
+    return builder.decision.depth
+
+
+def test_the_fixed_cost_of_verifying_does_not_stop_a_confident_chain_at_depth_one():
+    """C3 weighs each node against what verifying it adds; the overhead every verification
+    pays is the decline gate's to judge. Charged to the first node (0.53 plain steps against
+    its 0.93 estimate: below C3 = 2.5) it left the "verified" expansion utility empty."""
+    assert _confident_chain_depth(0.53, counted_as_fixed=False) == 1, "the overhead charged to the first node"
+    assert _confident_chain_depth(0.53, counted_as_fixed=True) == 6
+    assert _confident_chain_depth(0.0, counted_as_fixed=True) == 6
+
+
 def test_depth_rule_recovers_after_a_run_of_poor_layer_ratios():
     """A ratio history lowered by hard prompts must not pin every later step at depth 1:
     each step adds the first layer's ratio to the root (u_1 / u_0, u_0 = 1), so confident

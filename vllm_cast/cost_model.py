@@ -76,6 +76,10 @@ class StepCosts:
     target: torch.Tensor
     chain_target: torch.Tensor | None = None
     chain_draft: torch.Tensor | None = None
+    verification_overhead: float = 0.0
+    """Seconds of the measured overheads included in ``target[n]`` for ``n >= 2`` beyond
+    those in ``target[1]``: the fixed cost of verifying any drafts at all (see
+    vllm_cast.step_overheads)."""
 
     def draft_ratio(self) -> torch.Tensor:
         """Draft cost in units of one single-token target forward, ``[max_tokens + 1]``."""

@@ -223,8 +223,13 @@ class CastProposer(EagleProposer):
                table_costs: StepCosts, first_pass_tokens: int, first_pass_rows: float) -> list[list[int]]:
         """A probe for the one request decoding alone (normed/pre-norm first-pass hidden
         states ``[1, H]``): a top-1 chain as deep as ``max_depth`` and the node budget
-        allow, verified whole, priced and recorded like any step's trees."""
+        allow, verified whole, priced and recorded like any step's trees. The depth rule's
+        ratio history restarts at {1}: its ratios were earlier requests' (after MT-Bench
+        requests they stopped a humaneval request's first trees at depth 1 although both of
+        its probes were accepted whole)."""
         self.solo.drafted_probe(self.batch_req_ids[0])
+        self.ratio_history.clear()
+        self.ratio_history.append(1.0)
         depth = min(self.cast_params.max_depth, self.max_nodes)
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])

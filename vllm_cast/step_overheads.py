@@ -163,7 +163,8 @@ class StepOverheads:
 
         adjusted = dataclasses.replace(costs, draft=shifted(costs.draft, per_layer), target=shifted_target(costs.target),
                                        chain_target=shifted_target(costs.chain_target),
-                                       chain_draft=shifted(costs.causal_draft_curve(), first_pass))
+                                       chain_draft=shifted(costs.causal_draft_curve(), first_pass),
+                                       verification_overhead=costs.verification_overhead + max(verify - plain, 0.0))
         if len(self._adjusted) >= ADJUSTED_KEPT:
             self._adjusted.clear()
         self._adjusted[memo_key] = (costs, steps, adjusted)

@@ -121,10 +121,16 @@ class CastTreeBuilder:
         self.draft_cost, self.target_cost, self.chain_target_cost = costs.unit_curves
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
-        self.added_verify_cost = {chain: curve[1:] - curve[1] for chain, curve in
-                                  ((False, self.target_cost), (True, self.chain_target_cost))}
+        fixed = costs.verification_overhead / float(costs.target[1])
+        self.added_verify_cost = {chain: np.concatenate([[0.0], np.maximum(curve[2:] - curve[1] - fixed, 0.0)])
+                                  for chain, curve in ((False, self.target_cost), (True, self.chain_target_cost))}
         """Target cost of verifying ``n`` nodes beyond the root, ``[n_max + 1]``, for trees
-        (False) and chains (True)."""
+        (False) and chains (True), without the fixed overhead of verifying at all: C3 weighs
+        each node against what it adds, and whether verifying pays at all is the decline
+        gate's call, which prices the whole step (vllm_cast.pricing). Charged to the first
+        node, that overhead (its median reached 0.53 plain steps) made C3 refuse a first
+        node estimated at 0.93, so the "verified" expansion utility counted nothing and the
+        trees of a request whose chains were accepted whole stopped at depth 1."""
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
         self.pool_tokens: list[np.ndarray] = []
         self.pool_parents: list[np.ndarray] = []
