@@ -103,17 +103,25 @@ def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_
             assert abs(float(tree.values[node]) - expected) < 1e-5
 
 
-def _auto_depth(draft_cost: float, first_pass_cost: float = 0.3) -> int:
-    """Depth the "auto" depth rule reaches on a confident chain (top child 0.9) when a draft
-    layer costs ``draft_cost`` plain steps."""
+def _linear_step_costs(draft_cost: float, verification_overhead: float = 0.0,
+                       counted_as_fixed: bool = False) -> StepCosts:
+    """Draft layers at ``draft_cost`` plain steps, verification +0.05 (tree) / +0.02 (chain)
+    per node, and ``verification_overhead`` on every verification, declared as the fixed
+    overhead it is (``counted_as_fixed``) or left inside the curve."""
     n = torch.arange(18, dtype=torch.float64)
     positive = (n > 0).double()
-    costs = StepCosts(draft=draft_cost * positive, target=(1.0 + 0.05 * (n - 1)) * positive,
-                      chain_target=(1.0 + 0.02 * (n - 1)) * positive)
-    params = CastParams(node_top_k=2, max_depth=8, depth_threshold="auto", acceptance_calibration=False)
-    builder = CastTreeBuilder(params, costs, max_nodes=16, first_pass_cost=first_pass_cost)
+    verifying = (n > 1).double() * verification_overhead
+    return StepCosts(draft=draft_cost * positive, target=(1.0 + 0.05 * (n - 1) + verifying) * positive,
+                     chain_target=(1.0 + 0.02 * (n - 1) + verifying) * positive,
+                     verification_overhead=verification_overhead if counted_as_fixed else 0.0)
+
+
+def _confident_depth(params: CastParams, costs: StepCosts, top_prob: float) -> int:
+    """Depth a single-request tree reaches when every node's top child has draft probability
+    ``top_prob`` (the second 0.02, the rest 0) and the first pass costs 0.3 plain steps."""
+    builder = CastTreeBuilder(params, costs, max_nodes=16, first_pass_cost=0.3)
     probs = torch.zeros(1, 8)
-    probs[0, :2] = torch.tensor([0.9, 0.05])
+    probs[0, :2] = torch.tensor([top_prob, 0.02])
     frontier = builder.start(probs)
     while frontier is not None:
         frontier = builder.expand(probs.expand(frontier.width, -1)[None])
@@ -121,38 +129,25 @@ def _auto_depth(draft_cost: float, first_pass_cost: float = 0.3) -> int:
 
 
 def test_auto_depth_drafts_deeper_when_layers_are_cheaper():
-    cheap, dear = _auto_depth(draft_cost=0.05), _auto_depth(draft_cost=0.6)
+    params = CastParams(node_top_k=2, max_depth=8, depth_threshold="auto", acceptance_calibration=False)
+    cheap = _confident_depth(params, _linear_step_costs(draft_cost=0.05), top_prob=0.9)
+    dear = _confident_depth(params, _linear_step_costs(draft_cost=0.6), top_prob=0.9)
     assert cheap == 8, "cheap layers: up to max_depth"
     assert 1 <= dear < cheap
-
-
-def _confident_chain_depth(verification_overhead: float, counted_as_fixed: bool) -> int:
-    """Depth of a default-parameter tree over confident drafts (top child 0.93) when every
-    verification pays ``verification_overhead`` plain steps on top of its forward, either
-    declared as the fixed overhead it is or left inside the curve."""
-    n = torch.arange(18, dtype=torch.float64)
-    positive = (n > 0).double()
-    verifying = (n > 1).double() * verification_overhead
-    costs = StepCosts(draft=0.25 * positive, target=(1.0 + 0.05 * (n - 1) + verifying) * positive,
-                      chain_target=(1.0 + 0.02 * (n - 1) + verifying) * positive,
-                      verification_overhead=verification_overhead if counted_as_fixed else 0.0)
-    builder = CastTreeBuilder(CastParams(node_top_k=2, max_depth=6, acceptance_calibration=False), costs,
-                              max_nodes=16, first_pass_cost=0.3)
-    probs = torch.zeros(1, 8)
-    probs[0, :2] = torch.tensor([0.93, 0.02])
-    frontier = builder.start(probs)
-    while frontier is not None:
-        frontier = builder.expand(probs.expand(frontier.width, -1)[None])
-    return builder.decision.depth
 
 
 def test_the_fixed_cost_of_verifying_does_not_stop_a_confident_chain_at_depth_one():
     """C3 weighs each node against what verifying it adds; the overhead every verification
     pays is the decline gate's to judge. Charged to the first node (0.53 plain steps against
     its 0.93 estimate: below C3 = 2.5) it left the "verified" expansion utility empty."""
-    assert _confident_chain_depth(0.53, counted_as_fixed=False) == 1, "the overhead charged to the first node"
-    assert _confident_chain_depth(0.53, counted_as_fixed=True) == 6
-    assert _confident_chain_depth(0.0, counted_as_fixed=True) == 6
+    params = CastParams(node_top_k=2, max_depth=6, acceptance_calibration=False)
+
+    def depth(overhead: float, counted_as_fixed: bool) -> int:
+        return _confident_depth(params, _linear_step_costs(0.25, overhead, counted_as_fixed), top_prob=0.93)
+
+    assert depth(0.53, counted_as_fixed=False) == 1, "the overhead charged to the first node"
+    assert depth(0.53, counted_as_fixed=True) == 6
+    assert depth(0.0, counted_as_fixed=True) == 6
 
 
 def test_depth_rule_recovers_after_a_run_of_poor_layer_ratios():
