@@ -64,7 +64,7 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
     runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     drafter = runner.drafter
     probes: list[tuple[str, int, bool]] = []
-    draft_probe = drafter._probe
+    draft_probe = drafter._draft_probe
 
     def recorded_probe(*args, **kwargs):
         drafts = draft_probe(*args, **kwargs)
@@ -72,7 +72,7 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
         probes.append((drafter.batch_req_ids[0], len(tree) - 1, tree.is_chain))
         return drafts
 
-    monkeypatch.setattr(drafter, "_probe", recorded_probe)
+    monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
     drafter.solo.resume_probing(False)
     prompts = load_prompts("qa", limit=2) + load_prompts("mt_bench", limit=1)
     for prompt in prompts:

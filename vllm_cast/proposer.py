@@ -165,38 +165,16 @@ class CastProposer(EagleProposer):
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
-        if self.awaits_solo_probe(bool(sampled.all())):
-            return self._probe(normed, hidden, cad, layer_slots, next_token_ids, sampled, table_costs,
-                               first_pass_tokens, first_pass_rows)
-        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
-                                  calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
-                                  if self.cast_params.acceptance_calibration else None,
-                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
-        frontier = builder.start_top(*self._top_children(normed))
-        self.last_root_candidates = builder.root_candidates
-        drafted = _DraftedNodes(hidden=hidden[:, None, :])
-        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
-        forwarded_widths = []
-        loop_started = time.perf_counter()
-        while frontier is not None and self._fits(drafted, frontier, batch):
-            forwarded_widths.append(frontier.width)
-            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad,
-                                                       depth=builder.decision.depth)
-            drafted.offset = drafted.count - frontier.width
-            drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
-            probs, tokens = self._top_children(normed)
-            frontier = builder.expand_top(probs.reshape(batch, frontier.width, -1), tokens.reshape(batch, frontier.width, -1))
-        layer_seconds = time.perf_counter() - loop_started
-        caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
-        self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
-        decision = self.last_decision = builder.decision
+        all_sampled = bool(sampled.all())
+        probe = self.awaits_solo_probe(all_sampled)
+        draft = self._draft_probe if probe else self._draft_trees
+        forwarded_widths = draft(normed, hidden, cad, layer_slots, next_token_ids, sampled, costs, first_pass_rows)
+        decision = self.last_decision
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
-        decision.measured_layer_seconds = layer_seconds
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
-        measured_decline = self._measured_decline(batch, bool(sampled.all()))
-        if self.cast_params.decline_unprofitable and any(decision.verified) and (
-                measured_decline or not pricing.beats_plain_decoding(
+        if not probe and self.cast_params.decline_unprofitable and any(decision.verified) and (
+                self._measured_decline(batch, all_sampled) or not pricing.beats_plain_decoding(
                     costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch
@@ -218,15 +196,48 @@ class CastProposer(EagleProposer):
                 and (self.draftable is None or self.draftable[0])
                 and self.solo.wants_probe(self.batch_req_ids[0], all_sampled))
 
-    def _probe(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
-               layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
-               table_costs: StepCosts, first_pass_tokens: int, first_pass_rows: float) -> list[list[int]]:
-        """A probe for the one request decoding alone (normed/pre-norm first-pass hidden
-        states ``[1, H]``): a top-1 chain as deep as ``max_depth`` and the node budget
-        allow, verified whole, priced and recorded like any step's trees. The depth rule's
-        ratio history restarts at {1}: its ratios were earlier requests' (after MT-Bench
-        requests they stopped a humaneval request's first trees at depth 1 although both of
-        its probes were accepted whole)."""
+    def _draft_trees(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
+                     layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
+                     costs: StepCosts, first_pass_rows: float) -> list[int]:
+        """CAST's trees for the batch from the first pass's normed/pre-norm hidden states
+        ``[B, H]`` (vllm_cast.tree_builder); sets ``last_trees``, ``last_decision`` (with the
+        layer loop's wall time) and ``last_root_candidates``. Returns each forwarded layer's
+        width."""
+        batch = hidden.shape[0]
+        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
+                                  calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
+                                  if self.cast_params.acceptance_calibration else None,
+                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
+        frontier = builder.start_top(*self._top_children(normed))
+        self.last_root_candidates = builder.root_candidates
+        drafted = _DraftedNodes(hidden=hidden[:, None, :])
+        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
+        forwarded_widths = []
+        loop_started = time.perf_counter()
+        while frontier is not None and self._fits(drafted, frontier, batch):
+            forwarded_widths.append(frontier.width)
+            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad,
+                                                       depth=builder.decision.depth)
+            drafted.offset = drafted.count - frontier.width
+            drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
+            probs, tokens = self._top_children(normed)
+            frontier = builder.expand_top(probs.reshape(batch, frontier.width, -1), tokens.reshape(batch, frontier.width, -1))
+        layer_seconds = time.perf_counter() - loop_started
+        caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
+        self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
+        self.last_decision = builder.decision
+        self.last_decision.measured_layer_seconds = layer_seconds
+        return forwarded_widths
+
+    def _draft_probe(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
+                     layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
+                     costs: StepCosts, first_pass_rows: float) -> list[int]:
+        """A probe for the one request decoding alone (vllm_cast.solo_probes), in place of
+        :meth:`_draft_trees` (same arguments and results; ``costs`` are not needed): a top-1
+        chain as deep as ``max_depth`` and the node budget allow, verified whole. The depth
+        rule's ratio history restarts at {1}: its ratios were earlier requests' (after
+        MT-Bench requests they stopped a humaneval request's first trees at depth 1 although
+        both of its probes were accepted whole)."""
         self.solo.drafted_probe(self.batch_req_ids[0])
         self.ratio_history.clear()
         self.ratio_history.append(1.0)
@@ -245,19 +256,13 @@ class CastProposer(EagleProposer):
             probs, tokens = self._top_children(normed)
             chain_probs.append(probs[0, 0])
             chain_tokens.append(tokens[0, 0])
+        layer_seconds = time.perf_counter() - loop_started
         estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(np.array(chain_probs)[None, :, None])
         tree = FlatTree.chain(int(next_token_ids[0]), chain_tokens, np.cumprod(estimates.ravel()), chain_probs)
         self.last_trees = [tree]
-        decision = self.last_decision = StepDecision(widths=[1] * depth, verified=[depth],
-                                                     expected_accepted=float(tree.values[1:].sum()))
-        decision.draft_forward_tokens = [first_pass_tokens, *([1] * (depth - 1))]
-        decision.measured_layer_seconds = time.perf_counter() - loop_started
-        self._speculated_last_call = True
-        self.dormancy.wake()
-        decision.predicted_first_pass_seconds = pricing.first_pass_seconds(table_costs, first_pass_rows)
-        decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, [1] * (depth - 1))
-        decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, depth, True)
-        return [tree.draft_tokens]
+        self.last_decision = StepDecision(widths=[1] * depth, verified=[depth], expected_accepted=float(tree.values[1:].sum()),
+                                          measured_layer_seconds=layer_seconds)
+        return [1] * (depth - 1)
 
     def _solo_slower(self, all_sampled: bool) -> bool | None:
         """For one probed request decoding alone, whether its own speculative steps measured
