@@ -41,7 +41,14 @@ def test_overheads_apply_after_enough_samples_as_a_robust_median():
     assert abs(float(adjusted.draft[1] - costs.draft[1]) - 0.3) < 1e-9, "per layer: (1.2 - 0.6) / 2"
     first_pass = float(adjusted.causal_draft_curve()[1] - costs.causal_draft_curve()[1])
     assert abs(first_pass - 0.4) < 1e-9, "first pass: 2.0 - 1.2 (the layers) - 0.4 (predicted)"
-    assert overheads.adjust(16, costs) is costs, "other batch sizes are not affected"
+    assert overheads.adjust(1, costs) is costs, "smaller batch sizes are not affected"
+    unmeasured = overheads.adjust(16, costs)
+    assert torch.allclose(unmeasured.target, adjusted.target), "larger ones take it until they have their own"
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(16, measured=1.2, predicted=1.0, verified_drafts=False)
+    own = overheads.adjust(16, costs)
+    assert torch.allclose(own.target[1:], costs.target[1:] + 0.2), "once measured, a bucket's own median"
+    assert torch.allclose(own.draft, adjusted.draft), "kinds it has not measured are still taken from below"
 
 
 def test_verifying_steps_price_their_own_overhead_from_the_plain_step_on():

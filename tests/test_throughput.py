@@ -75,6 +75,20 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert throughput.stale_after.get((2, False), STALE_AFTER_PLAIN_STEPS) == STALE_AFTER_PLAIN_STEPS
 
 
+def test_a_verdict_is_not_rejudged_by_plain_steps_that_follow_it():
+    """Plain steps measured later (another task, a slower machine state) do not flip a slower
+    verdict into exploring again; the next speculative sample forms it afresh."""
+    throughput = MeasuredThroughput()
+    _record(throughput, 4, speculative=True, tokens=18, seconds=0.032)  # 562 tokens/s
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.005)  # 800 tokens/s
+    assert throughput.measured_slower(4, False)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.008, steps=WINDOW_ENTRIES)  # 500 tokens/s
+    assert throughput.measured_slower(4, False), "held against the plain steps of its time"
+    assert throughput.should_decline(4, False)
+    throughput.record(4, False, True, 18, 0.032)
+    assert not throughput.measured_slower(4, False), "a new speculative sample is judged against plain now"
+
+
 def test_a_slower_verdict_at_a_smaller_batch_size_rules_out_larger_ones_until_stale():
     throughput = MeasuredThroughput()
     _record(throughput, 2, speculative=True, tokens=3, seconds=0.010)  # 300 tokens/s

@@ -15,6 +15,13 @@ trees and stays dormant (probing on the dormancy back-off, which keeps the specu
 samples fresh). When only speculating steps have been measured at a batch size, it also
 declines once they are enough: the dormant stretch that follows measures plain decoding.
 
+A verdict, once both kinds are measured, is formed against the plain steps of its time and
+held until new speculative samples arrive: the plain steps that follow do not re-judge old
+speculative ones. Step times drift by task and by machine state (plain B=4 steps measured
+4.7 ms in one cell and 7-8 ms in a later one of the same run); compared against the drifting
+plain window, a "slower" verdict formed on MT-Bench flipped on a later task and CAST
+explored again (three times in six greedy B=4 cells: 0.84x of vanilla there).
+
 Once both kinds are measured and speculating is slower, the proposer treats speculation
 as hopeless at that batch size (its requests are not drafted, no probes): the verdict
 holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
@@ -85,6 +92,9 @@ class MeasuredThroughput:
         self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
         self.stale_after: dict[tuple[int, bool], int] = {}
         """Per (bucket, mode): plain steps until its speculative samples go stale."""
+        self.verdicts: dict[tuple[int, bool], bool] = {}
+        """Per (bucket, mode): whether speculating measured slower, as formed when both kinds
+        were first measured after its last speculative sample (dropped by the next one)."""
 
     def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> bool:
         """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``.
@@ -92,13 +102,14 @@ class MeasuredThroughput:
         if seconds <= 0:
             return False
         key = (batch_bucket(batch_size), all_sampled)
-        self.rates.add((*key, speculative), (tokens, seconds))
+        self._add_speculative((tokens, seconds), *key) if speculative else self.rates.add((*key, False), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
         went_stale = since >= stale_after
         if went_stale:
             for smaller_or_same in range(key[0] + 1):
                 self.rates.forget((smaller_or_same, all_sampled, True))
+                self.verdicts.pop((smaller_or_same, all_sampled), None)
             self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
@@ -112,8 +123,13 @@ class MeasuredThroughput:
         draft tokens the step's decoding requests accepted (what speculating gained on it
         beyond plain decoding's one token per request) credited."""
         if seconds > 0:
-            self.rates.add((batch_bucket(batch_size), all_sampled, True), (accepted_drafts, seconds))
+            self._add_speculative((accepted_drafts, seconds), batch_bucket(batch_size), all_sampled)
             self._reset_wait_if_paying(batch_size, all_sampled)
+
+    def _add_speculative(self, entry: tuple[float, float], bucket: int, all_sampled: bool) -> None:
+        """A speculative (tokens, seconds) entry; the bucket's verdict is formed afresh."""
+        self.rates.add((bucket, all_sampled, True), entry)
+        self.verdicts.pop((bucket, all_sampled), None)
 
     def _reset_wait_if_paying(self, batch_size: int, all_sampled: bool) -> None:
         """Back to the shortest stale wait once speculating measures no slower than plain
@@ -133,16 +149,23 @@ class MeasuredThroughput:
 
     def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
         """The bucket's own verdict: whether speculating measured slower than plain decoding
-        (None until both kinds are measured there)."""
-        speculative, plain = self._rates(bucket, all_sampled)
-        return None if speculative is None or plain is None else speculative < plain
+        (None until both kinds are measured there; then held until the next speculative
+        sample, see module doc)."""
+        key = (bucket, all_sampled)
+        if key not in self.verdicts:
+            speculative, plain = self._rates(bucket, all_sampled)
+            if speculative is None or plain is None:
+                return None
+            self.verdicts[key] = speculative < plain
+        return self.verdicts[key]
 
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether to decline speculation at this batch size and mode: it measured fewer
         tokens per second than plain decoding, or plain decoding was never measured here
         (explore it). False until speculative steps have ``MIN_STEPS`` samples."""
-        speculative, plain = self._rates(batch_bucket(batch_size), all_sampled)
-        return speculative is not None and (plain is None or speculative < plain)
+        bucket = batch_bucket(batch_size)
+        speculative, plain = self._rates(bucket, all_sampled)
+        return speculative is not None and (plain is None or bool(self._slower(bucket, all_sampled)))
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether speculating measured slower at this batch size and mode: both kinds are
