@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import greedy_token_ids
 
 from vllm_cast.prompts import load_prompts
-from vllm_cast.solo_probes import PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
+from vllm_cast.solo_probes import PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
 
 PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
 
@@ -50,6 +50,21 @@ def test_probing_stops_in_a_mode_where_no_recent_probe_paid_until_resumed():
     assert solo.wants_probe("next", True)
 
 
+def test_probes_are_as_deep_as_recent_probes_of_their_mode_were_accepted_plus_headroom():
+    solo = SoloProbes()
+    assert solo.probe_depth(True, 6) == 6, "nothing known yet: as deep as allowed"
+    _probe_and_measure(solo, "rejected", 1, 0.010, sampled=True)  # no draft accepted
+    assert solo.probe_depth(True, 6) == PROBE_DEPTH_HEADROOM
+    assert solo.probe_depth(False, 6) == 6, "greedy probes are judged apart"
+    _probe_and_measure(solo, "two", 3, 0.010, sampled=True)  # two drafts accepted per probe
+    assert solo.probe_depth(True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "grows with what was accepted"
+    assert solo.probe_depth(True, 3) == 3, "never past the cap"
+    solo.record("two", True, 6, 0.010, PLAIN_RATE)  # a later step, no probe
+    assert solo.probe_depth(True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "only probe steps count"
+    solo.resume_probing(True)
+    assert solo.probe_depth(True, 6) == 6
+
+
 def test_finished_requests_are_forgotten():
     solo = SoloProbes()
     _probe_and_measure(solo, "a", 1, 0.010)
@@ -73,7 +88,7 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
         return drafts
 
     monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
-    drafter.solo.resume_probing(False)
+    drafter.solo.resume_probing(False)  # also forgets how deep earlier tests' probes were accepted
     prompts = load_prompts("qa", limit=2) + load_prompts("mt_bench", limit=1)
     for prompt in prompts:
         assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)

@@ -12,6 +12,12 @@ is no longer drafted once they measure fewer. Two probes, not one, because a res
 first tokens are its least predictable (one probe at the first decode step lost alpaca
 requests whose later drafts ran 4-5 tokens deep).
 
+A probe is as deep as the longest run of drafts the recent probes of its verification mode
+had accepted, plus ``PROBE_DEPTH_HEADROOM`` (as deep as allowed before any): a probe that
+cannot be accepted costs its layers for nothing (sampled verification with this head
+accepted none, and its six-node probes cost each request ~20 ms of ~150), and one accepted
+whole lets the next probes grow.
+
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
 this head: never), new solo requests are not probed and the pooled verdict rules them,
@@ -29,6 +35,8 @@ own verdict (measured at greedy B=1, 32 tokens, six tasks side by side: one prob
 two 1.14x of vanilla, the EAGLE-3 chain with 4 tokens 1.09x)."""
 PROBE_OUTCOMES = 8
 """Recent probed requests per verification mode; probing stops while none of them paid."""
+PROBE_DEPTH_HEADROOM = 2
+"""Draft nodes a probe drafts beyond the longest run of its mode's recent probes."""
 
 
 class SoloProbes:
@@ -40,6 +48,9 @@ class SoloProbes:
         self.probes_drafted: Counter[str] = Counter()
         self.steps = RecentTotals()
         self.paid: dict[bool, deque[bool]] = {mode: deque(maxlen=PROBE_OUTCOMES) for mode in (False, True)}
+        self.accepted_runs: dict[bool, deque[int]] = {
+            mode: deque(maxlen=PROBE_OUTCOMES * PROBE_STEPS) for mode in (False, True)}
+        """Per mode: draft tokens the recent probes accepted, one entry per probe."""
 
     def wants_probe(self, req_id: str, all_sampled: bool) -> bool:
         """Whether this solo request's next drafting step is a probe."""
@@ -49,13 +60,21 @@ class SoloProbes:
     def drafted_probe(self, req_id: str) -> None:
         self.probes_drafted[req_id] += 1
 
+    def probe_depth(self, all_sampled: bool, deepest: int) -> int:
+        """Draft nodes of the next probe in this mode, at most ``deepest`` (see module doc)."""
+        runs = self.accepted_runs[all_sampled]
+        return deepest if not runs else min(deepest, max(runs) + PROBE_DEPTH_HEADROOM)
+
     def record(self, req_id: str, all_sampled: bool, tokens: int, seconds: float, plain_rate: float | None) -> None:
         """One speculative decode step of a probed request decoding alone (``tokens``
         emitted in ``seconds``); ``plain_rate``: plain decoding's tokens per second at batch
-        size 1 (None: not measured). Its ``PROBE_STEPS``-th step settles whether probing it paid."""
+        size 1 (None: not measured). Its first ``PROBE_STEPS`` steps verify its probes (their
+        accepted runs are kept per mode); the last of them settles whether probing it paid."""
         if req_id not in self.probes_drafted or seconds <= 0:
             return
         self.steps.add(req_id, (tokens, seconds))
+        if len(self.steps.windows[req_id]) <= PROBE_STEPS:
+            self.accepted_runs[all_sampled].append(tokens - 1)
         if len(self.steps.windows[req_id]) == PROBE_STEPS:
             self.paid[all_sampled].append(not self.slower(req_id, plain_rate))
 
@@ -69,8 +88,10 @@ class SoloProbes:
         return rate is not None and plain_rate is not None and rate < plain_rate
 
     def resume_probing(self, all_sampled: bool) -> None:
-        """Forget whether recent probes paid in this mode (the pooled samples went stale)."""
+        """Forget whether recent probes paid in this mode, and how deep they were accepted
+        (the pooled samples went stale)."""
         self.paid[all_sampled].clear()
+        self.accepted_runs[all_sampled].clear()
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget requests not in ``req_ids`` (finished or preempted)."""
