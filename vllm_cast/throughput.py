@@ -102,7 +102,10 @@ class MeasuredThroughput:
         if seconds <= 0:
             return False
         key = (batch_bucket(batch_size), all_sampled)
-        self._add_speculative((tokens, seconds), *key) if speculative else self.rates.add((*key, False), (tokens, seconds))
+        if speculative:
+            self._add_speculative((tokens, seconds), *key)
+        else:
+            self.rates.add((*key, False), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
         stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
         went_stale = since >= stale_after
