@@ -167,8 +167,8 @@ class MeasuredThroughput:
         tokens per second than plain decoding, or plain decoding was never measured here
         (explore it). False until speculative steps have ``MIN_STEPS`` samples."""
         bucket = batch_bucket(batch_size)
-        speculative, plain = self._rates(bucket, all_sampled)
-        return speculative is not None and (plain is None or bool(self._slower(bucket, all_sampled)))
+        measured = self.rates.rate((bucket, all_sampled, True)) is not None
+        return measured and self._slower(bucket, all_sampled) is not False  # None: plain unmeasured
 
     def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
         """Whether speculating measured slower at this batch size and mode: both kinds are
