@@ -17,6 +17,15 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; avoids the memory-utilisation start check
 
 
+REQUESTS_PER_CELL = 4
+"""Requests a cell decodes at least, in waves of ``batch_size`` requests one after another
+(batch size 1: the task's first four prompts one at a time, the same prompts a batch-4 cell
+decodes at once). With one request, a batch-1 cell hinged on one continuation: on the small
+grid CAST read 1.13x and the chain 1.21x over the six first prompts, while over three
+prompts per task, side by side in one process, CAST decoded in 7.51 s what the chain
+decoded in 8.30 s."""
+
+
 def _counters(llm) -> dict[str, float]:
     return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
 
@@ -43,12 +52,17 @@ def main() -> None:
     is_cast = bool(spec) and spec.get("method") == "cast"
 
     def run(task: str, temperature: float, batch: int) -> tuple[float, int]:
+        """Seconds and tokens of decoding the cell's waves of ``batch`` requests."""
         prompts = load_prompts(task)
-        prompts = [prompts[i % len(prompts)] for i in range(batch)]
+        waves = -(-REQUESTS_PER_CELL // batch)
         params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=True)
+        tokens = 0
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
+        for wave in range(waves):
+            outputs = llm.generate([prompts[(wave * batch + i) % len(prompts)] for i in range(batch)], params,
+                                   use_tqdm=False)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        return time.perf_counter() - start, tokens
 
     run("mt_bench", 0.0, 1)  # warm-up
     print("READY", flush=True)

@@ -114,6 +114,32 @@ class StepCosts:
         return tuple(curve.numpy().astype(np.float64)
                      for curve in (self.draft_ratio(), self.target_ratio(), self.chain_target_ratio()))
 
+    @functools.cached_property
+    def seconds(self) -> SecondsCurves:
+        """The curves in seconds as float64 numpy arrays (computed once per costs object:
+        pricing reads single entries several times a step, which costs a torch op each)."""
+        def array(curve: torch.Tensor) -> np.ndarray:
+            return curve.numpy().astype(np.float64)
+
+        return SecondsCurves(draft=array(self.draft), causal_draft=array(self.causal_draft_curve()),
+                             tree_target=array(self.target), chain_target=array(self.verify_curve(chain=True)))
+
+
+@dataclass(frozen=True)
+class SecondsCurves:
+    """A :class:`StepCosts`' curves, seconds per forward with ``n`` tokens per sequence
+    ``[max_tokens + 1]`` (float64 numpy): tree-layer draft passes, causal first passes,
+    tree and chain verifications."""
+
+    draft: np.ndarray
+    causal_draft: np.ndarray
+    tree_target: np.ndarray
+    chain_target: np.ndarray
+
+    def verify(self, chain: bool) -> np.ndarray:
+        """The verification curve of a chain (``chain``) or a tree."""
+        return self.chain_target if chain else self.tree_target
+
 
 def _interp_axis(grid: list[int], value: float) -> tuple[int, int, float]:
     """Indices (lo, hi) and weight of ``hi`` for linear interpolation, clamped."""

@@ -18,14 +18,15 @@ logger = logging.getLogger("vllm_cast")
 def first_pass_seconds(costs: StepCosts, rows: float) -> float:
     """Seconds of the causal first pass over ``rows`` rows per request (the verified tokens,
     plus replayed ones after dormancy; linear beyond the table)."""
-    causal = costs.causal_draft_curve()
-    widest = causal.numel() - 1
+    causal = costs.seconds.causal_draft
+    widest = causal.size - 1
     return float(causal[min(max(round(rows), 1), widest)] * max(rows / widest, 1.0))
 
 
 def layer_seconds(costs: StepCosts, forwarded_widths: list[int]) -> float:
     """Seconds of one draft pass per tree layer of the given widths."""
-    return float(sum(costs.draft[w] for w in forwarded_widths))
+    draft = costs.seconds.draft
+    return float(sum(draft[w] for w in forwarded_widths))
 
 
 def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows: float) -> float:
@@ -36,8 +37,8 @@ def draft_seconds(costs: StepCosts, forwarded_widths: list[int], first_pass_rows
 def verify_seconds(costs: StepCosts, verified: int, chains: bool) -> float:
     """Seconds of the target forward verifying ``verified`` draft nodes per request (chains
     through the causal curve, trees through the masked one)."""
-    curve = costs.verify_curve(chain=chains)
-    return float(curve[min(1 + verified, curve.numel() - 1)])
+    curve = costs.seconds.verify(chains)
+    return float(curve[min(1 + verified, curve.size - 1)])
 
 
 def beats_plain_decoding(costs: StepCosts, forwarded_widths: list[int], expected_accepted: float, verified: int,
@@ -47,7 +48,7 @@ def beats_plain_decoding(costs: StepCosts, forwarded_widths: list[int], expected
     accepted tokens) / (draft passes + verification) >= 1 / plain step (``costs.target[1]``)."""
     emitted = 1.0 + expected_accepted  # also the next first pass's rows per request
     speculative = draft_seconds(costs, forwarded_widths, emitted) + verify_seconds(costs, verified, chains)
-    plain = float(costs.target[1])
+    plain = costs.plain_step_seconds
     logger.debug("CAST gate: widths %s verified %d: %.2f tokens in %.2f ms vs 1 token in %.2f ms",
                  forwarded_widths, verified, emitted, 1e3 * speculative, 1e3 * plain)
     return emitted * plain >= speculative
@@ -57,11 +58,11 @@ def no_chain_can_pay(costs: StepCosts, acceptance_rate: float, max_depth: int) -
     """Whether no chain of depth 1..``max_depth`` whose nodes are each accepted with
     ``acceptance_rate`` beats plain decoding: ``1 + a + ... + a^d`` tokens never pay for
     the first pass over them, ``d - 1`` chain layers and verifying ``d`` tokens causally."""
-    chain = costs.verify_curve(chain=True)
-    plain = float(costs.target[1])
-    for depth in range(1, min(max_depth, chain.numel() - 2) + 1):
+    chain = costs.seconds.chain_target
+    plain = costs.plain_step_seconds
+    for depth in range(1, min(max_depth, chain.size - 2) + 1):
         expected = sum(acceptance_rate**i for i in range(depth + 1))
-        drafting = first_pass_seconds(costs, expected) + (depth - 1) * float(costs.draft[1])
+        drafting = first_pass_seconds(costs, expected) + (depth - 1) * float(costs.seconds.draft[1])
         if expected * plain >= drafting + float(chain[depth + 1]):
             return False
     return True

@@ -125,6 +125,9 @@ class CastProposer(EagleProposer):
         self.last_root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Each request's top-K first draft tokens and their probabilities ``[B, K]``: the
         calibrator learns from them every step, speculating or not."""
+        self._draft_to_target: np.ndarray | None = None
+        """The draft head's draft-to-target token offsets ``[draft vocabulary]`` (int64), read
+        from the loaded model on first use (None until then, and for heads without them)."""
 
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
                   slot_mappings=None) -> None:
@@ -207,7 +210,7 @@ class CastProposer(EagleProposer):
         builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
                                   calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
                                   if self.cast_params.acceptance_calibration else None,
-                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / float(costs.target[1]))
+                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / costs.plain_step_seconds)
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
@@ -334,11 +337,12 @@ class CastProposer(EagleProposer):
         scattering the logits into it."""
         logits = self.model.logits_processor(self.model.lm_head, normed_hidden)
         top = logits.float().log_softmax(-1).topk(self.cast_params.node_top_k, dim=-1)
-        tokens = top.indices
-        draft_to_target = self.model.draft_id_to_target_id
-        if draft_to_target is not None:
-            tokens = tokens + draft_to_target[tokens]
-        return top.values.double().exp_().cpu().numpy(), tokens.cpu().numpy()
+        tokens = top.indices.cpu().numpy()
+        if self._draft_to_target is None and self.model.draft_id_to_target_id is not None:
+            self._draft_to_target = self.model.draft_id_to_target_id.cpu().numpy()
+        if self._draft_to_target is not None:
+            tokens = tokens + self._draft_to_target[tokens]
+        return np.exp(top.values.cpu().numpy().astype(np.float64)), tokens
 
     def _first_pass(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
                     token_indices_to_sample, cad: CommonAttentionMetadata, num_rejected_tokens_gpu):

@@ -121,7 +121,7 @@ class CastTreeBuilder:
         self.draft_cost, self.target_cost, self.chain_target_cost = costs.unit_curves
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
-        fixed = costs.verification_overhead / float(costs.target[1])
+        fixed = costs.verification_overhead / costs.plain_step_seconds
         self.added_verify_cost = {chain: np.concatenate([[0.0], np.maximum(curve[2:] - curve[1] - fixed, 0.0)])
                                   for chain, curve in ((False, self.target_cost), (True, self.chain_target_cost))}
         """Target cost of verifying ``n`` nodes beyond the root, ``[n_max + 1]``, for trees
@@ -135,8 +135,12 @@ class CastTreeBuilder:
         self.pool_tokens: list[np.ndarray] = []
         self.pool_parents: list[np.ndarray] = []
         self.pool_draft_probs: list[np.ndarray] = []
-        self.pool_depths = np.zeros(0, dtype=np.int64)
-        """Tree depth of each pool candidate (1 = child of the root), in pool order."""
+        self.pool_depths = np.empty(self.k * (1 + max(params.max_depth - 1, 0) * self.k), dtype=np.int64)
+        """Tree depth of each pool candidate (1 = child of the root), in pool order: the first
+        ``pool_size - 1`` entries of room for every layer's ``K`` children of at most ``K``
+        frontier nodes."""
+        self.depth_steps = np.arange(1, max_nodes + 1)
+        """``[max_nodes]`` 1, 2, ...: the deepest node of the first ``n`` nodes of a chain."""
         self.pool_value_array = np.zeros((0, 0))
         """Values of the pool's candidates ``[B, P]``, in pool order."""
         self.breadth_cost = np.concatenate([[0.0], self.draft_cost[1 : self.k + 1]])
@@ -173,7 +177,7 @@ class CastTreeBuilder:
         self.pool_tokens.append(tokens)
         self.pool_value_array = values if first == 1 else np.concatenate([self.pool_value_array, values], 1)
         self.pool_parents.append(parents)
-        self.pool_depths = np.concatenate([self.pool_depths, np.full(count, len(self.decision.widths) + 1)])
+        self.pool_depths[first - 1 : first - 1 + count] = len(self.decision.widths) + 1
         self.pool_size += count
         return first
 
@@ -235,7 +239,7 @@ class CastTreeBuilder:
         nodes form a chain (their deepest node is at depth ``n``), the tree curve after."""
         b, limit = sorted_depths.shape
         is_chain = np.ones((b, limit + 1), dtype=bool)
-        is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == np.arange(1, limit + 1)
+        is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == self.depth_steps[:limit]
         return np.where(is_chain, self.added_verify_cost[True][: limit + 1], self.added_verify_cost[False][: limit + 1])
 
     def _verify_counts(self, sorted_pool: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -251,8 +255,8 @@ class CastTreeBuilder:
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            count = select_max_valid_index(_column_mean(per_row), np.maximum.reduce(cost, 0),
-                                           self.params.verify_threshold)
+            utility, cost = (per_row[0], cost[0]) if b == 1 else (_column_mean(per_row), np.maximum.reduce(cost, 0))
+            count = select_max_valid_index(utility, cost, self.params.verify_threshold)
             counts = np.full(b, count)
         return np.minimum(counts, (values > 0).sum(1))
 
