@@ -1,6 +1,9 @@
 """Throughput and latency of the OpenAI server (``vllm-cast serve``, loopback) under
 concurrent streaming load, in the style of ``vllm bench serve``: vanilla, vLLM's EAGLE-3
-chain and CAST on the same model pair and the same requests.
+chain and CAST on the same model pair and the same requests. The three servers run at once
+and each load level (clients, round) is sent to each server in turn, the order rotating per
+level, so drift in machine speed hits all of them alike (one server after another, vanilla's
+tokens/s at 16 clients moved 519-675 between three runs of one afternoon).
 
 ``python -m benchmarks.serve_load [--requests N] [--concurrency C ...] [--rounds R] [--out DIR]`` writes
 ``serve_load.json`` and prints a table."""
@@ -8,6 +11,7 @@ chain and CAST on the same model pair and the same requests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -66,13 +70,20 @@ def main() -> None:
     rows = []
     # Prefix caching off, as in benchmarks.speedup: each concurrency level resends the same
     # prompts, and cache hits would favour vanilla (EAGLE recomputes the last cached block).
-    with tempfile.TemporaryDirectory() as logs:
-        for name, spec in tqdm(configs.items(), desc="servers", unit="server"):
-            with served(target, spec, Path(logs) / f"{name}.log",
-                        extra_args=("--max-num-seqs", str(max(args.concurrency)), "--no-enable-prefix-caching")) as url:
-                timed_stream(url, target, prompts[0], 4)  # warm-up
-                rows += [{"config": name, "round": r, **load(url, target, prompts, args.max_tokens, c)}
-                         for c in args.concurrency for r in range(1, args.rounds + 1)]
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as servers:
+        urls = {name: servers.enter_context(served(
+                    target, spec, Path(logs) / f"{name}.log",
+                    extra_args=("--max-num-seqs", str(max(args.concurrency)), "--no-enable-prefix-caching")))
+                for name, spec in tqdm(configs.items(), desc="start servers", unit="server")}
+        for url in urls.values():
+            timed_stream(url, target, prompts[0], 4)  # warm-up
+        names = list(urls)
+        levels = [(c, r) for c in args.concurrency for r in range(1, args.rounds + 1)]
+        for index, (c, r) in enumerate(tqdm(levels, desc="load levels", unit="level")):
+            turn = index % len(names)
+            for name in names[turn:] + names[:turn]:
+                rows.append({"config": name, "round": r, **load(urls[name], target, prompts, args.max_tokens, c)})
+    rows.sort(key=lambda row: (names.index(row["config"]), row["concurrency"], row["round"]))
     vanilla = {(r["concurrency"], r["round"]): r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
     for row in rows:
         row["throughput_vs_vanilla"] = row["output_tokens_per_s"] / vanilla[row["concurrency"], row["round"]]
