@@ -127,7 +127,13 @@ class CastProposer(EagleProposer):
         calibrator learns from them every step, speculating or not."""
         self._draft_to_target: np.ndarray | None = None
         """The draft head's draft-to-target token offsets ``[draft vocabulary]`` (int64), read
-        from the loaded model on first use (None until then, and for heads without them)."""
+        once its weights are loaded (None for heads without them)."""
+
+    def load_model(self, target_model) -> None:
+        """vLLM's loading, then the draft-to-target offsets copied out for ``_top_children``."""
+        super().load_model(target_model)
+        offsets = self.model.draft_id_to_target_id
+        self._draft_to_target = None if offsets is None else offsets.cpu().numpy()
 
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
                   slot_mappings=None) -> None:
@@ -338,8 +344,6 @@ class CastProposer(EagleProposer):
         logits = self.model.logits_processor(self.model.lm_head, normed_hidden)
         top = logits.float().log_softmax(-1).topk(self.cast_params.node_top_k, dim=-1)
         tokens = top.indices.cpu().numpy()
-        if self._draft_to_target is None and self.model.draft_id_to_target_id is not None:
-            self._draft_to_target = self.model.draft_id_to_target_id.cpu().numpy()
         if self._draft_to_target is not None:
             tokens = tokens + self._draft_to_target[tokens]
         return np.exp(top.values.cpu().numpy().astype(np.float64)), tokens

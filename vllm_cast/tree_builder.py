@@ -93,8 +93,13 @@ def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def _column_mean(values: np.ndarray) -> np.ndarray:
     """Mean over the rows of ``[B, C]`` values, ``[C]`` (``values.mean(0)`` without its
-    per-call overhead, which dominates at these sizes)."""
-    return np.add.reduce(values, 0) / values.shape[0]
+    per-call overhead, which dominates at these sizes; one row is its own mean)."""
+    return values[0] if values.shape[0] == 1 else np.add.reduce(values, 0) / values.shape[0]
+
+
+def _column_max(values: np.ndarray) -> np.ndarray:
+    """Maximum over the rows of ``[B, C]`` values, ``[C]`` (one row is its own maximum)."""
+    return values[0] if values.shape[0] == 1 else np.maximum.reduce(values, 0)
 
 
 def top_children(distributions: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +260,7 @@ class CastTreeBuilder:
         if self.per_request:
             counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
         else:
-            utility, cost = (per_row[0], cost[0]) if b == 1 else (_column_mean(per_row), np.maximum.reduce(cost, 0))
-            count = select_max_valid_index(utility, cost, self.params.verify_threshold)
+            count = select_max_valid_index(_column_mean(per_row), _column_max(cost), self.params.verify_threshold)
             counts = np.full(b, count)
         return np.minimum(counts, (values > 0).sum(1))
 
