@@ -87,7 +87,9 @@ def register() -> None:
     if _REGISTERED:
         return
     import vllm_cast  # noqa: F401  (version guard)
+    from vllm_cast import draft_delivery
 
     _patch_engine_args()
     _patch_engine_config()
+    draft_delivery.install()
     _REGISTERED = True

@@ -26,6 +26,7 @@ from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import profile_table
 from vllm_cast.cost_tables import cost_source, resolve_table, table_key
 from vllm_cast.cpu_gemm import decode_row_counts, warm_row_counts
+from vllm_cast.draft_delivery import with_drafts
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.stats import CastStats
@@ -143,7 +144,7 @@ class CastRunnerMixin:
         self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
-        return output
+        return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
         """Compare a step's wall time with the cost table: for the stats (speculative
