@@ -53,9 +53,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="times each concurrency level is run on the same server (round 1 is cold for CAST, "
-                             "whose overheads, acceptance and throughput are learned online)")
+                             "whose overheads, acceptance and throughput are learned online); one round of 48 "
+                             "requests moves by up to ~10%% between rounds, so the summary takes the median")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_small"))
     args = parser.parse_args()
 
@@ -96,6 +97,13 @@ def main() -> None:
               f"{r['throughput_vs_vanilla']:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
               f"{r['latency_p50_ms']:.0f} / {r['latency_p90_ms']:.0f} / {r['latency_p99_ms']:.0f} |")
+    print()
+    print("| config | clients | vs vanilla per round | median |")
+    print("|---|---|---|---|")
+    for name in names:
+        for c in args.concurrency:
+            ratios = [r["throughput_vs_vanilla"] for r in rows if r["config"] == name and r["concurrency"] == c]
+            print(f"| {name} | {c} | {' / '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |")
 
 
 if __name__ == "__main__":
