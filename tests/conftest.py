@@ -59,6 +59,25 @@ def spec_counters(llm) -> dict[str, float]:
     return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
 
 
+def count_draft_rpcs(llm, run) -> int:
+    """Calls of the engine core's ``take_draft_token_ids`` RPC during ``run()``."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    original = executor.take_draft_token_ids
+    calls = 0
+
+    def counted():
+        nonlocal calls
+        calls += 1
+        return original()
+
+    executor.take_draft_token_ids = counted
+    try:
+        run()
+    finally:
+        del executor.take_draft_token_ids  # the class's method again
+    return calls
+
+
 @pytest.fixture(scope="session")
 def vanilla_llm(target_dir: str):
     return make_llm(target_dir)

@@ -89,19 +89,29 @@ def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_ca
 
 
 def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, monkeypatch):
-    """Speculation hopeless (forced): the batch's requests skip the draft from their prompt
-    on and never get drafts, nothing is stashed, their decode steps run as vLLM's plain
-    decoding (no drafter call), and output stays vanilla's."""
+    """Speculation hopeless (forced): the batch's requests are undrafted before their prompt
+    step and never get drafts, nothing is stashed, every step runs as vLLM's plain decoding
+    (no drafter call and no EAGLE-3 auxiliary hidden states, prompt steps included), and
+    output stays vanilla's."""
     runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
-    drafting_calls_on_decode_steps = []
+    drafting_calls = []
     propose = runner.propose_draft_token_ids
 
     def counted_propose(*args, **kwargs):
-        drafting_calls_on_decode_steps.append(runner._decode_only)
+        drafting_calls.append(runner._decode_only)
         return propose(*args, **kwargs)
 
     monkeypatch.setattr(runner, "propose_draft_token_ids", counted_propose)
+    forward = runner.model.forward
+    forwards_with_aux = []
+
+    def noted_forward(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        forwards_with_aux.append(isinstance(output, tuple))
+        return output
+
+    monkeypatch.setattr(runner.model, "forward", noted_forward)
     prompts = load_prompts("sum", limit=8)
     before = cast_stats(default_cast_llm)
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -109,8 +119,8 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert after["undrafted_requests"] - before["undrafted_requests"] == len(prompts)
     assert after["verified_drafts"] == before["verified_drafts"], "an undrafted request was given drafts"
     assert runner.drafter.dormancy.stashed_rows == 0
-    assert drafting_calls_on_decode_steps, "the prompt steps never reached the drafter"
-    assert not any(drafting_calls_on_decode_steps), "a decode step of undrafted requests took the speculative path"
+    assert not drafting_calls, "a step of undrafted requests took the speculative path"
+    assert forwards_with_aux and not any(forwards_with_aux), "a plain step computed auxiliary hidden states"
 
 
 def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):

@@ -17,8 +17,10 @@ PRESSURE = {"max_model_len": 768, "num_gpu_blocks_override": 32, "max_num_batche
 """32 blocks of 32 tokens = 1024 tokens of KV for the whole batch; prefills chunked to 256."""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pressure_engines(target_dir, draft_dir):
+    """Session-scoped like conftest's engines: a module-scoped engine's shutdown would tear
+    down the distributed state that engines created earlier in the session share."""
     return make_llm(target_dir, **PRESSURE), make_llm(target_dir, tree_spec(draft_dir), **PRESSURE)
 
 

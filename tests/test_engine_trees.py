@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import cast_stats, spec_counters
+from conftest import cast_stats, count_draft_rpcs, greedy_token_ids, spec_counters
 from scipy.stats import chi2_contingency
 from vllm import SamplingParams
 
@@ -70,6 +70,13 @@ def test_trees_accept_more_per_step_than_the_eagle3_chain(chain_llm, cast_llm):
     trees = _cast_mean_accepted_length(cast_llm, lambda: _generate(cast_llm, prompts, GREEDY, 4))
     print(f"mean accepted length: EAGLE-3 chain (4 tokens) {chain:.2f}, CAST trees (<=16 nodes) {trees:.2f}")
     assert trees > chain
+
+
+def test_engines_without_cast_keep_vllms_draft_rpc(chain_llm):
+    """vllm_cast.draft_delivery patches vLLM's engine core for every engine in the process:
+    one whose outputs carry no drafts still asks for them after each step."""
+    calls = count_draft_rpcs(chain_llm, lambda: greedy_token_ids(chain_llm, PROMPTS[:2], 8))
+    assert calls > 0
 
 
 SAMPLES = 1200

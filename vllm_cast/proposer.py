@@ -300,7 +300,7 @@ class CastProposer(EagleProposer):
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
         tokens never pay for drafting ``d`` tokens and verifying them (see
         ``pricing.no_chain_can_pay``). Then the batch's requests are not drafted at all (the
-        runner's ``_skip_drafting``). The measured verdict is read afresh on every call; the
+        runner's ``_undraft_if_hopeless``). The measured verdict is read afresh on every call; the
         priced one is memoised per batch size, context bucket and mode, and all priced
         verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
         alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once

@@ -70,6 +70,7 @@ class CastRunnerMixin:
         self._emitted_tokens = 0
         self._verified_drafts = False
         self._decode_only = False
+        self._spec_tokens = 0
         self._step_tokens = 0
         self._seen_forward_shapes: set[tuple[str, int]] = set()
         """(model, token rows) of every forward run so far (see ``_first_run_of_a_shape``)."""
@@ -116,31 +117,34 @@ class CastRunnerMixin:
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._step_started = time.perf_counter()
         self._step_tokens = scheduler_output.total_num_scheduled_tokens
-        spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
+        self._spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
         self._decode_only = (scheduler_output.total_num_scheduled_tokens
-                             == len(scheduler_output.num_scheduled_tokens) + spec_tokens)
-        plain = self._is_plain_step(scheduler_output, spec_tokens)
-        self.speculative_config = None if plain else self.vllm_config.speculative_config
-        if plain:
-            self._root_candidates = None
-            self.drafter.skipped_steps += 1
+                             == len(scheduler_output.num_scheduled_tokens) + self._spec_tokens)
+        self._run_speculative_path(True)  # _prepare_inputs may leave it
         return super().execute_model(scheduler_output, intermediate_tensors)
 
-    def _is_plain_step(self, scheduler_output, spec_tokens: int) -> bool:
-        """Whether this step runs as vLLM's plain decoding (no speculative path at all: no
-        spec-decode metadata, no drafter call): a decode-only step without draft tokens
-        whose requests are all undrafted, under synchronous scheduling (vLLM's async
-        path hands sampled tokens to the drafter's next step)."""
-        scheduled = scheduler_output.num_scheduled_tokens
-        return (spec_tokens == 0 and self._decode_only and bool(scheduled) and not self.use_async_scheduling
-                and all(req_id in self._undrafted for req_id in scheduled))
+    def _run_speculative_path(self, on: bool) -> None:
+        """Switch vLLM's speculative path for this step: the speculative config its runner
+        reads, and the target's EAGLE-3 auxiliary hidden states (off: three ``[T, H]``
+        sums and copies a forward does not make; 3-5% of a forward with prompt rows)."""
+        self.speculative_config = self.vllm_config.speculative_config if on else None
+        if self.use_aux_hidden_state_outputs != on:
+            self.model.set_aux_hidden_state_layers(self._aux_layers if on else ())
+            self.use_aux_hidden_state_outputs = on
+
+    def _setup_eagle3_aux_hidden_state_outputs(self) -> None:
+        """vLLM's set-up (at model load), noting the target layers whose hidden states the
+        draft reads, chosen as vLLM chooses them (``_aux_layers``)."""
+        super()._setup_eagle3_aux_hidden_state_outputs()
+        self._aux_layers = (self._get_eagle3_aux_layers_from_config()
+                            or self.model.get_eagle3_default_aux_hidden_state_layers())
 
     def sample_tokens(self, grammar_output):
         predicted_verify = self._predicted_verify_seconds
         try:
             output = super().sample_tokens(grammar_output)
         finally:
-            self.speculative_config = self.vllm_config.speculative_config
+            self._run_speculative_path(True)
         self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
@@ -200,12 +204,42 @@ class CastRunnerMixin:
 
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
-        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
         if self._undrafted:
             self._undrafted.intersection_update(self._flags_by_request)
+        if self._spec_tokens == 0:
+            self._undraft_if_hopeless(num_scheduled_tokens)
+            if self._runs_plain():
+                self._run_speculative_path(False)  # back on in sample_tokens
+                self._root_candidates = None
+                self.drafter.skipped_steps += 1
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
+
+    def _undraft_if_hopeless(self, num_scheduled_tokens: np.ndarray) -> None:
+        """Before a step without draft tokens: while no chain could pay for itself at this
+        batch size (``speculation_hopeless``) its requests become undrafted: they never
+        speculate and the draft model never reads their rows (requests arriving once
+        speculation may pay again are drafted); the dormant rows kept so far are dropped."""
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        keep = np.array([req_id not in self._undrafted for req_id in req_ids], dtype=bool)
+        if not keep.any():
+            return
+        # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
+        context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
+        self.drafter.batch_req_ids = req_ids
+        if self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
+            self._undraft(req_ids, keep)
+            self.drafter.dormancy.forget()
+
+    def _runs_plain(self) -> bool:
+        """Whether this step (no draft tokens) runs as vLLM's plain decoding, with no
+        speculative path at all (no spec-decode metadata, no drafter call): its requests are
+        all undrafted, under synchronous scheduling (vLLM's async path hands sampled tokens
+        to the drafter's next step)."""
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        return bool(req_ids) and not self.use_async_scheduling and all(req_id in self._undrafted for req_id in req_ids)
 
     def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Depth positions and ancestor masks for requests verifying a stored tree."""
@@ -380,29 +414,20 @@ class CastRunnerMixin:
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
         """Whether this step skips all of vLLM's and CAST's drafting work (nothing was drafted
         this step). While dormant (see vllm_cast.dormancy) the rows the drafter would read
-        are kept for the next probe. While no chain could pay for itself
-        (``speculation_hopeless``) the step's requests become undrafted instead: their rows
-        are not kept and they never speculate (requests arriving once speculation may pay
-        again are drafted). A step whose requests are all undrafted always skips."""
+        are kept for the next probe; undrafted requests' rows are not (see
+        ``_undraft_if_hopeless``). A step whose requests are all undrafted always skips."""
         drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
         if drafted or aux_hidden_states is None:
             return False
-        dormancy = self.drafter.dormancy
         undrafted = self._undrafted
         keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
         if keep.any():
             starts = self.query_start_loc.np[: len(req_ids) + 1]
             lengths = starts[1:] - starts[:-1]
-            # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
-            context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + lengths).mean())
-            if self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
-                self._undraft(req_ids, keep)
-                keep[:] = False
-                dormancy.forget()
-            else:
-                if self.drafter.awaits_solo_probe(self._all_sampled) or not dormancy.should_skip(int(lengths[keep].sum())):
-                    return False
-                self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
+            if self.drafter.awaits_solo_probe(self._all_sampled) or not self.drafter.dormancy.should_skip(
+                    int(lengths[keep].sum())):
+                return False
+            self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
         self.drafter.skipped_steps += 1
         return True
 
@@ -418,7 +443,7 @@ class CastRunnerMixin:
                                        np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())
 
     def _undraft(self, req_ids: list[str], rows: np.ndarray) -> None:
-        """Requests at ``rows`` (bool ``[B]``) stop being drafted for good (see _skip_drafting)."""
+        """Requests at ``rows`` (bool ``[B]``) stop being drafted for good (see _undraft_if_hopeless)."""
         self._undrafted.update(req_ids[i] for i in np.flatnonzero(rows))
         self._undrafted_total += int(rows.sum())
 
