@@ -91,8 +91,7 @@ def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_ca
 def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, monkeypatch):
     """Speculation hopeless (forced): the batch's requests are undrafted before their prompt
     step and never get drafts, nothing is stashed, every step runs as vLLM's plain decoding
-    (no drafter call and no EAGLE-3 auxiliary hidden states, prompt steps included), and
-    output stays vanilla's."""
+    (no drafter call, prompt steps included), and output stays vanilla's."""
     runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
     drafting_calls = []
@@ -103,15 +102,6 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
         return propose(*args, **kwargs)
 
     monkeypatch.setattr(runner, "propose_draft_token_ids", counted_propose)
-    forward = runner.model.forward
-    forwards_with_aux = []
-
-    def noted_forward(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        forwards_with_aux.append(isinstance(output, tuple))
-        return output
-
-    monkeypatch.setattr(runner.model, "forward", noted_forward)
     prompts = load_prompts("sum", limit=8)
     before = cast_stats(default_cast_llm)
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -120,7 +110,6 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert after["verified_drafts"] == before["verified_drafts"], "an undrafted request was given drafts"
     assert runner.drafter.dormancy.stashed_rows == 0
     assert not drafting_calls, "a step of undrafted requests took the speculative path"
-    assert forwards_with_aux and not any(forwards_with_aux), "a plain step computed auxiliary hidden states"
 
 
 def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):

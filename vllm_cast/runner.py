@@ -120,31 +120,15 @@ class CastRunnerMixin:
         self._spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
         self._decode_only = (scheduler_output.total_num_scheduled_tokens
                              == len(scheduler_output.num_scheduled_tokens) + self._spec_tokens)
-        self._run_speculative_path(True)  # _prepare_inputs may leave it
+        self.speculative_config = self.vllm_config.speculative_config  # _prepare_inputs may hide it
         return super().execute_model(scheduler_output, intermediate_tensors)
-
-    def _run_speculative_path(self, on: bool) -> None:
-        """Switch vLLM's speculative path for this step: the speculative config its runner
-        reads, and the target's EAGLE-3 auxiliary hidden states (off: three ``[T, H]``
-        sums and copies a forward does not make; 3-5% of a forward with prompt rows)."""
-        self.speculative_config = self.vllm_config.speculative_config if on else None
-        if self.use_aux_hidden_state_outputs != on:
-            self.model.set_aux_hidden_state_layers(self._aux_layers if on else ())
-            self.use_aux_hidden_state_outputs = on
-
-    def _setup_eagle3_aux_hidden_state_outputs(self) -> None:
-        """vLLM's set-up (at model load), noting the target layers whose hidden states the
-        draft reads, chosen as vLLM chooses them (``_aux_layers``)."""
-        super()._setup_eagle3_aux_hidden_state_outputs()
-        self._aux_layers = (self._get_eagle3_aux_layers_from_config()
-                            or self.model.get_eagle3_default_aux_hidden_state_layers())
 
     def sample_tokens(self, grammar_output):
         predicted_verify = self._predicted_verify_seconds
         try:
             output = super().sample_tokens(grammar_output)
         finally:
-            self._run_speculative_path(True)
+            self.speculative_config = self.vllm_config.speculative_config
         self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
@@ -210,7 +194,7 @@ class CastRunnerMixin:
         if self._spec_tokens == 0:
             self._undraft_if_hopeless(num_scheduled_tokens)
             if self._runs_plain():
-                self._run_speculative_path(False)  # back on in sample_tokens
+                self.speculative_config = None  # back in sample_tokens
                 self._root_candidates = None
                 self.drafter.skipped_steps += 1
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
