@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
@@ -28,9 +29,12 @@ class CastModelRunnerOutput(ModelRunnerOutput):
     """What ``take_draft_token_ids`` would have returned (None: no drafts this step)."""
 
 
-def with_drafts(output: ModelRunnerOutput, drafts: DraftTokenIds | None) -> CastModelRunnerOutput:
-    """A copy of ``output`` carrying ``drafts`` (vLLM shares some outputs, e.g. the empty
-    one, so the original is never changed)."""
+def with_drafts(output: Any, drafts: DraftTokenIds | None) -> Any:
+    """A copy of a ``ModelRunnerOutput`` carrying ``drafts`` (vLLM shares some outputs,
+    e.g. the empty one, so the original is never changed); outputs of other kinds (async,
+    pipeline-parallel intermediates) as they are, their drafts left to vLLM's RPC."""
+    if type(output) is not ModelRunnerOutput:
+        return output
     fields = {field.name: getattr(output, field.name) for field in dataclasses.fields(ModelRunnerOutput)}
     return CastModelRunnerOutput(**fields, draft_token_ids=drafts)
 
