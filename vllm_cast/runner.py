@@ -191,39 +191,35 @@ class CastRunnerMixin:
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
         if self._undrafted:
             self._undrafted.intersection_update(self._flags_by_request)
-        if self._spec_tokens == 0:
-            self._undraft_if_hopeless(num_scheduled_tokens)
-            if self._runs_plain():
-                self.speculative_config = None  # back in sample_tokens
-                self._root_candidates = None
-                self.drafter.skipped_steps += 1
+        # A step without draft tokens whose requests are all undrafted runs as vLLM's plain
+        # decoding, with no speculative path at all (no spec-decode metadata, no drafter
+        # call), under synchronous scheduling (vLLM's async path hands sampled tokens to the
+        # drafter's next step).
+        if self._spec_tokens == 0 and self._undraft_if_hopeless(num_scheduled_tokens) and not self.use_async_scheduling:
+            self.speculative_config = None  # back in sample_tokens
+            self._root_candidates = None
+            self.drafter.skipped_steps += 1
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
 
-    def _undraft_if_hopeless(self, num_scheduled_tokens: np.ndarray) -> None:
+    def _undraft_if_hopeless(self, num_scheduled_tokens: np.ndarray) -> bool:
         """Before a step without draft tokens: while no chain could pay for itself at this
         batch size (``speculation_hopeless``) its requests become undrafted: they never
         speculate and the draft model never reads their rows (requests arriving once
-        speculation may pay again are drafted); the dormant rows kept so far are dropped."""
+        speculation may pay again are drafted); the dormant rows kept so far are dropped.
+        Returns whether every request of the batch is undrafted now."""
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         keep = np.array([req_id not in self._undrafted for req_id in req_ids], dtype=bool)
-        if not keep.any():
-            return
-        # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
-        context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
-        self.drafter.batch_req_ids = req_ids
-        if self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
+        if keep.any():
+            # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
+            context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
+            self.drafter.batch_req_ids = req_ids
+            if not self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
+                return False
             self._undraft(req_ids, keep)
             self.drafter.dormancy.forget()
-
-    def _runs_plain(self) -> bool:
-        """Whether this step (no draft tokens) runs as vLLM's plain decoding, with no
-        speculative path at all (no spec-decode metadata, no drafter call): its requests are
-        all undrafted, under synchronous scheduling (vLLM's async path hands sampled tokens
-        to the drafter's next step)."""
-        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        return bool(req_ids) and not self.use_async_scheduling and all(req_id in self._undrafted for req_id in req_ids)
+        return bool(req_ids)
 
     def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Depth positions and ancestor masks for requests verifying a stored tree."""
