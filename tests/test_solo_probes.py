@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import greedy_token_ids
 
 from vllm_cast.prompts import load_prompts
-from vllm_cast.solo_probes import PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
+from vllm_cast.solo_probes import COMPANY_OUTCOMES, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
 
 PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
 
@@ -75,7 +75,9 @@ def test_finished_requests_are_forgotten():
 
 def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default_cast_llm, monkeypatch):
     """Real engine, one greedy request at a time: each request's first drafting steps are
-    top-1 chains of max_depth nodes (the node budget allows 16), and output is vanilla's."""
+    top-1 chains of max_depth nodes (the node budget allows 16), and output is vanilla's.
+    The first prompt was run before: prefix caching holds all of it but one row, and its
+    prompt step (one row, like a decode step) is still no probe verification."""
     runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     drafter = runner.drafter
     probes: list[tuple[str, int, bool]] = []
@@ -87,12 +89,24 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
         probes.append((drafter.batch_req_ids[0], len(tree) - 1, tree.is_chain))
         return drafts
 
+    prompts = load_prompts("qa", limit=2) + load_prompts("mt_bench", limit=1)
+    greedy_token_ids(default_cast_llm, prompts[:1], 24)
     monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
     drafter.solo.resume_probing(False)  # also forgets how deep earlier tests' probes were accepted
-    prompts = load_prompts("qa", limit=2) + load_prompts("mt_bench", limit=1)
     for prompt in prompts:
         assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)
     requests = {req_id for req_id, _, _ in probes}
     assert len(requests) == len(prompts), f"probed {len(requests)} of {len(prompts)} solo requests"
     assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in probes), probes
     assert all(sum(1 for r, _, _ in probes if r == req_id) <= PROBE_STEPS for req_id in requests)
+
+
+def test_lone_arrivals_put_drafting_off_while_bursts_follow_them():
+    solo = SoloProbes()
+    for _ in range(COMPANY_OUTCOMES - 1):
+        solo.record_arrival(joined=True)
+    assert not solo.expects_company(), f"fewer than {COMPANY_OUTCOMES} lone arrivals seen"
+    solo.record_arrival(joined=True)
+    assert solo.expects_company()
+    solo.record_arrival(joined=False)
+    assert not solo.expects_company(), "one lone arrival stayed alone"

@@ -222,12 +222,20 @@ class CostTable:
 
     def at(self, batch_size: int, context: float, max_tokens: int) -> StepCosts:
         """Both cost curves at one (batch, context), for 1..``max_tokens`` tokens."""
-        ns = range(1, max_tokens + 1)
-        draft = torch.tensor([0.0] + [self.draft(batch_size, context, n) for n in ns], dtype=torch.float64)
-        target = torch.tensor([0.0] + [self.target(batch_size, context, n) for n in ns], dtype=torch.float64)
-        chain = torch.tensor([0.0] + [self.chain_target(batch_size, context, n) for n in ns], dtype=torch.float64)
-        chain_draft = torch.tensor([0.0] + [self.chain_draft(batch_size, context, n) for n in ns], dtype=torch.float64)
-        return StepCosts(draft=draft, target=target, chain_target=chain, chain_draft=chain_draft)
+        curves = {name: self._curve(grid, batch_size, context, max_tokens) for name, grid in (
+            ("draft", self.draft_seconds), ("target", self.target_seconds),
+            ("chain_target", self.target_seconds if self.chain_target_seconds is None else self.chain_target_seconds),
+            ("chain_draft", self.draft_seconds if self.chain_draft_seconds is None else self.chain_draft_seconds))}
+        return StepCosts(**curves)
+
+    def _curve(self, grid: torch.Tensor, batch_size: float, context: float, max_tokens: int) -> torch.Tensor:
+        """``[max_tokens + 1]`` float64 seconds of ``grid`` at one (batch, context) for 0..``max_tokens``
+        new tokens (index 0: 0), interpolated as :meth:`_lookup` does, all token counts at once."""
+        b, c = _interp_axis(self.batch_sizes, batch_size), _interp_axis(self.contexts, context)
+        plane = sum(bw * cw * grid[bi, ci].double().numpy()
+                    for bi, bw in ((b[0], 1 - b[2]), (b[1], b[2])) for ci, cw in ((c[0], 1 - c[2]), (c[1], c[2])))
+        seconds = np.interp(np.arange(1, max_tokens + 1), self.new_tokens, plane)
+        return torch.from_numpy(np.concatenate([[0.0], seconds]))
 
     def to_json(self) -> dict:
         return {

@@ -60,10 +60,14 @@ class DraftDormancy:
         """CAST chose a tree: the next dormant stretch starts short again."""
         self.next_interval = 1
 
+    def fits(self, new_rows: int) -> bool:
+        """Whether the remembered rows plus this step's ``new_rows`` (twice, to leave room at
+        wake-up) fit the drafter's buffers."""
+        return self.stashed_rows + 2 * new_rows <= self.max_rows
+
     def should_skip(self, new_rows: int) -> bool:
-        """Whether this step may skip the draft: dormant, and the remembered rows plus this
-        step's ``new_rows`` (twice, to leave room at wake-up) fit the drafter's buffers."""
-        skip = self.stashed_rows + 2 * new_rows <= self.max_rows and self.steps_left > 0
+        """Whether this step may skip the draft: dormant, and its rows fit (:meth:`fits`)."""
+        skip = self.steps_left > 0 and self.fits(new_rows)
         self.steps_left = max(self.steps_left - 1, 0) if skip else 0
         return skip
 

@@ -21,6 +21,10 @@ from typing import Any
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
 
+_OUTPUT_FIELDS = tuple(field.name for field in dataclasses.fields(ModelRunnerOutput))
+"""Fields of vLLM's ``ModelRunnerOutput``, copied by :func:`with_drafts` on every step."""
+
+
 @dataclass
 class CastModelRunnerOutput(ModelRunnerOutput):
     """vLLM's model output plus the drafts the runner proposed this step."""
@@ -35,8 +39,7 @@ def with_drafts(output: Any, drafts: DraftTokenIds | None) -> Any:
     pipeline-parallel intermediates) as they are, their drafts left to vLLM's RPC."""
     if type(output) is not ModelRunnerOutput:
         return output
-    fields = {field.name: getattr(output, field.name) for field in dataclasses.fields(ModelRunnerOutput)}
-    return CastModelRunnerOutput(**fields, draft_token_ids=drafts)
+    return CastModelRunnerOutput(**{name: getattr(output, name) for name in _OUTPUT_FIELDS}, draft_token_ids=drafts)
 
 
 _DRAFTS_TAKEN = "_cast_drafts_taken"

@@ -30,6 +30,7 @@ from vllm_cast.batch_rows import row_numbers
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
+from vllm_cast.first_pass_rows import drafted_rows_only
 from vllm_cast.solo_probes import SoloProbes
 from vllm_cast.step_overheads import StepOverheads
 from vllm_cast.throughput import MeasuredThroughput
@@ -151,6 +152,9 @@ class CastProposer(EagleProposer):
         """vLLM's proposer interface; returns the draft tokens of each request's tree."""
         batch = common_attn_metadata.batch_size()
         self.last_trees, self.last_decision, self.last_root_candidates = [], None, None
+        target_token_ids, target_positions, target_hidden_states, token_indices_to_sample, common_attn_metadata = \
+            drafted_rows_only(self.draftable, target_token_ids, target_positions, target_hidden_states,
+                              token_indices_to_sample, common_attn_metadata)
         no_padding = num_rejected_tokens_gpu is None or not bool(num_rejected_tokens_gpu.any())
         replayed = None
         if no_padding and self.dormancy.stashed_rows:

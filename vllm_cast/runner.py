@@ -62,6 +62,13 @@ class CastRunnerMixin:
         """Requests whose rows the draft stopped seeing (dropped while speculation was
         hopeless): they are never given drafts nor feed the calibrator."""
         self._undrafted_total = 0
+        self._lone_arrival = False
+        """This step's batch is one request, new this step (vllm_cast.solo_probes)."""
+        self._prompt_deferred = False
+        """This step put a lone arrival's drafting off (its rows are in the dormancy stash)."""
+        self._drafts_deferred_prompt = False
+        """The previous step put a lone arrival's drafting off: this step's drafting, if
+        any, replays its prompt rows (timed as a prompt step's drafting)."""
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
@@ -118,8 +125,12 @@ class CastRunnerMixin:
         self._step_started = time.perf_counter()
         self._step_tokens = scheduler_output.total_num_scheduled_tokens
         self._spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
+        # One row per request plus its drafts, and no request starting (a new or resumed
+        # request's prompt step schedules one row when prefix caching holds the rest).
         self._decode_only = (scheduler_output.total_num_scheduled_tokens
-                             == len(scheduler_output.num_scheduled_tokens) + self._spec_tokens)
+                             == len(scheduler_output.num_scheduled_tokens) + self._spec_tokens
+                             and not scheduler_output.scheduled_new_reqs
+                             and not scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         self.speculative_config = self.vllm_config.speculative_config  # _prepare_inputs may hide it
         return super().execute_model(scheduler_output, intermediate_tensors)
 
@@ -140,15 +151,16 @@ class CastRunnerMixin:
         outside its drafting call against its target forward (plain or verifying), and
         the drafting call against its draft passes (not for probes replaying dormant rows).
         Every decode-only step is a throughput sample unless it ran a shape for the first
-        time; on other steps the drafting call is charged to speculation (vllm_cast.throughput:
-        prompts' lengths vary, so set-up of new shapes is a real cost of drafting them)."""
+        time; on other steps, and on one drafting a lone arrival's deferred prompt rows, the
+        drafting call is charged to speculation (vllm_cast.throughput: prompts' lengths vary,
+        so set-up of new shapes is a real cost of drafting them)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
         if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
-        if not self._decode_only:
+        if not self._decode_only or (self._drafts_deferred_prompt and decision is not None):
             if decision is not None:
                 self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds,
                                                                max(self._emitted_tokens - batch, 0))
@@ -189,37 +201,46 @@ class CastRunnerMixin:
     # -- verification inputs -------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
+        if self._lone_arrival:
+            self.drafter.solo.record_arrival(joined=self.input_batch.num_reqs > 1)
+        self._lone_arrival = self.input_batch.num_reqs == 1 and len(scheduler_output.scheduled_new_reqs) == 1
+        self._drafts_deferred_prompt, self._prompt_deferred = self._prompt_deferred, False
         if self._undrafted:
             self._undrafted.intersection_update(self._flags_by_request)
-        # A step without draft tokens whose requests are all undrafted runs as vLLM's plain
-        # decoding, with no speculative path at all (no spec-decode metadata, no drafter
-        # call), under synchronous scheduling (vLLM's async path hands sampled tokens to the
-        # drafter's next step).
-        if self._spec_tokens == 0 and self._undraft_if_hopeless(num_scheduled_tokens) and not self.use_async_scheduling:
-            self.speculative_config = None  # back in sample_tokens
-            self._root_candidates = None
-            self.drafter.skipped_steps += 1
+        # A step whose requests are all undrafted drafts nothing. Without draft tokens to
+        # verify it runs as vLLM's plain decoding, with no speculative path at all (no
+        # spec-decode metadata, no drafter call), under synchronous scheduling (vLLM's async
+        # path hands sampled tokens to the drafter's next step).
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        drafted = np.array([req_id not in self._undrafted for req_id in req_ids], dtype=bool)
+        if self._undraft_if_hopeless(req_ids, drafted, num_scheduled_tokens):
+            if drafted.any():
+                self.drafter.dormancy.forget()  # every request is undrafted now
+            if self._spec_tokens == 0 and not self.use_async_scheduling:
+                self.speculative_config = None  # back in sample_tokens
+                self._root_candidates = None
+                self.drafter.skipped_steps += 1
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._plan_tree_verification(scheduler_output, num_scheduled_tokens)
         return result
 
-    def _undraft_if_hopeless(self, num_scheduled_tokens: np.ndarray) -> bool:
-        """Before a step without draft tokens: while no chain could pay for itself at this
-        batch size (``speculation_hopeless``) its requests become undrafted: they never
-        speculate and the draft model never reads their rows (requests arriving once
-        speculation may pay again are drafted); the dormant rows kept so far are dropped.
-        Returns whether every request of the batch is undrafted now."""
-        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        keep = np.array([req_id not in self._undrafted for req_id in req_ids], dtype=bool)
-        if keep.any():
-            # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
-            context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
-            self.drafter.batch_req_ids = req_ids
-            if not self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
-                return False
-            self._undraft(req_ids, keep)
-            self.drafter.dormancy.forget()
-        return bool(req_ids)
+    def _undraft_if_hopeless(self, req_ids: list[str], drafted: np.ndarray, num_scheduled_tokens: np.ndarray) -> bool:
+        """Before every step: while no chain could pay for itself at this batch size
+        (``speculation_hopeless``) the ``drafted`` requests (bool ``[B]``: not undrafted yet)
+        become undrafted: they never speculate again and the draft model never reads their
+        rows again (drafts scheduled already are still verified; requests arriving once
+        speculation may pay again are drafted, and the rows of undrafted ones are kept out
+        of their first pass: vllm_cast.first_pass_rows). Returns whether every request of
+        the batch is undrafted now."""
+        if not drafted.any():
+            return True
+        # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
+        context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
+        self.drafter.batch_req_ids = req_ids
+        if not self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
+            return False
+        self._undraft(req_ids, drafted)
+        return True
 
     def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Depth positions and ancestor masks for requests verifying a stored tree."""
@@ -392,20 +413,25 @@ class CastRunnerMixin:
 
     def _skip_drafting(self, spec_decode_metadata: SpecDecodeMetadata | None,
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
-        """Whether this step skips all of vLLM's and CAST's drafting work (nothing was drafted
-        this step). While dormant (see vllm_cast.dormancy) the rows the drafter would read
-        are kept for the next probe; undrafted requests' rows are not (see
-        ``_undraft_if_hopeless``). A step whose requests are all undrafted always skips."""
-        drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
-        if drafted or aux_hidden_states is None:
-            return False
+        """Whether this step skips all of vLLM's and CAST's drafting work: every request is
+        undrafted (see ``_undraft_if_hopeless``), or nothing was drafted this step and CAST
+        is dormant (see vllm_cast.dormancy) or the batch is a lone arrival expecting company
+        (see vllm_cast.solo_probes); then the rows the drafter would read are kept for the
+        next drafting step (undrafted requests' rows are not)."""
         undrafted = self._undrafted
         keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
         if keep.any():
+            drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
+            if drafted or aux_hidden_states is None:
+                return False
             starts = self.query_start_loc.np[: len(req_ids) + 1]
             lengths = starts[1:] - starts[:-1]
-            if self.drafter.awaits_solo_probe(self._all_sampled) or not self.drafter.dormancy.should_skip(
-                    int(lengths[keep].sum())):
+            rows = int(lengths[keep].sum())
+            if self._lone_arrival and self.drafter.solo.expects_company():
+                if not self.drafter.dormancy.fits(rows):
+                    return False
+                self._prompt_deferred = True
+            elif self.drafter.awaits_solo_probe(self._all_sampled) or not self.drafter.dormancy.should_skip(rows):
                 return False
             self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
         self.drafter.skipped_steps += 1

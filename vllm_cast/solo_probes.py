@@ -21,7 +21,15 @@ whole lets the next probes grow.
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
 this head: never), new solo requests are not probed and the pooled verdict rules them,
-until the pooled speculative samples go stale (vllm_cast.throughput) and probing resumes."""
+until the pooled speculative samples go stale (vllm_cast.throughput) and probing resumes.
+
+A request that arrives alone is not always left alone: clients in step with each other (a
+benchmark's waves, fixed-length requests) send a burst whose first request reaches the
+engine a step before the rest. Its prompt's draft pass and probe (+10-25 ms on a 7-50 ms
+prompt step here) are wasted when the burst makes speculation hopeless at the next step.
+While each of the last ``COMPANY_OUTCOMES`` lone arrivals was joined by others at its next
+step, a lone arrival's drafting waits a step (vllm_cast.dormancy keeps its prompt rows):
+joined, it is judged at the new batch size; still alone, its probe drafts one step late."""
 
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ PROBE_OUTCOMES = 8
 """Recent probed requests per verification mode; probing stops while none of them paid."""
 PROBE_DEPTH_HEADROOM = 2
 """Draft nodes a probe drafts beyond the longest run of its mode's recent probes."""
+COMPANY_OUTCOMES = 4
+"""Recent lone arrivals whose next step is kept (was the request joined by others?)."""
 
 
 class SoloProbes:
@@ -51,6 +61,17 @@ class SoloProbes:
         self.accepted_runs: dict[bool, deque[int]] = {
             mode: deque(maxlen=PROBE_OUTCOMES * PROBE_STEPS) for mode in (False, True)}
         """Per mode: draft tokens the recent probes accepted, one entry per probe."""
+        self.joined: deque[bool] = deque(maxlen=COMPANY_OUTCOMES)
+        """Per recent lone arrival: whether other requests joined it at its next step."""
+
+    def record_arrival(self, joined: bool) -> None:
+        """The step after a lone request's prompt step: whether other requests joined it."""
+        self.joined.append(joined)
+
+    def expects_company(self) -> bool:
+        """Whether a request arriving alone should put its drafting off by a step: each of
+        the last ``COMPANY_OUTCOMES`` lone arrivals was joined (see module doc)."""
+        return len(self.joined) == COMPANY_OUTCOMES and all(self.joined)
 
     def wants_probe(self, req_id: str, all_sampled: bool) -> bool:
         """Whether this solo request's next drafting step is a probe."""
