@@ -212,9 +212,10 @@ class CastRunnerMixin:
         # spec-decode metadata, no drafter call), under synchronous scheduling (vLLM's async
         # path hands sampled tokens to the drafter's next step).
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        drafted = np.array([req_id not in self._undrafted for req_id in req_ids], dtype=bool)
-        if self._undraft_if_hopeless(req_ids, drafted, num_scheduled_tokens):
-            if drafted.any():
+        already_undrafted = len(self._undrafted) == len(req_ids)  # it holds batch members only
+        drafted = None if already_undrafted else np.array([req_id not in self._undrafted for req_id in req_ids])
+        if already_undrafted or self._undraft_if_hopeless(req_ids, drafted, num_scheduled_tokens):
+            if not already_undrafted:
                 self.drafter.dormancy.forget()  # every request is undrafted now
             if self._spec_tokens == 0 and not self.use_async_scheduling:
                 self.speculative_config = None  # back in sample_tokens
@@ -226,14 +227,12 @@ class CastRunnerMixin:
 
     def _undraft_if_hopeless(self, req_ids: list[str], drafted: np.ndarray, num_scheduled_tokens: np.ndarray) -> bool:
         """Before every step: while no chain could pay for itself at this batch size
-        (``speculation_hopeless``) the ``drafted`` requests (bool ``[B]``: not undrafted yet)
-        become undrafted: they never speculate again and the draft model never reads their
-        rows again (drafts scheduled already are still verified; requests arriving once
-        speculation may pay again are drafted, and the rows of undrafted ones are kept out
-        of their first pass: vllm_cast.first_pass_rows). Returns whether every request of
-        the batch is undrafted now."""
-        if not drafted.any():
-            return True
+        (``speculation_hopeless``) the ``drafted`` requests (bool ``[B]``: not undrafted yet,
+        at least one) become undrafted: they never speculate again and the draft model never
+        reads their rows again (drafts scheduled already are still verified; requests
+        arriving once speculation may pay again are drafted, and the rows of undrafted ones
+        are kept out of their first pass: vllm_cast.first_pass_rows). Returns whether every
+        request of the batch is undrafted now."""
         # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
         context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
         self.drafter.batch_req_ids = req_ids
@@ -266,6 +265,8 @@ class CastRunnerMixin:
         self._verify_plan = TreePlan(tuple(requests)) if requests else None
 
     def _build_attention_metadata(self, *args, **kwargs):
+        if self._verify_plan is None:
+            return super()._build_attention_metadata(*args, **kwargs)
         with active_plan(self._verify_plan):
             return super()._build_attention_metadata(*args, **kwargs)
 

@@ -58,7 +58,10 @@ class RecentWindows:
         self.windows: dict[Hashable, deque] = {}
 
     def add(self, key: Hashable, entry) -> None:
-        self.windows.setdefault(key, deque(maxlen=self.size)).append(entry)
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = deque(maxlen=self.size)
+        window.append(entry)
 
     def forget(self, key: Hashable) -> None:
         self.windows.pop(key, None)

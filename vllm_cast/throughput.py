@@ -146,18 +146,17 @@ class MeasuredThroughput:
         fewer than ``MIN_STEPS`` plain steps measured)."""
         return self.rates.rate((batch_bucket(batch_size), all_sampled, False))
 
-    def _rates(self, bucket: int, all_sampled: bool) -> tuple[float | None, float | None]:
-        """Speculative and plain tokens per second of one bucket and mode (None: too few steps)."""
-        return self.rates.rate((bucket, all_sampled, True)), self.rates.rate((bucket, all_sampled, False))
-
     def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
         """The bucket's own verdict: whether speculating measured slower than plain decoding
         (None until both kinds are measured there; then held until the next speculative
         sample, see module doc)."""
         key = (bucket, all_sampled)
         if key not in self.verdicts:
-            speculative, plain = self._rates(bucket, all_sampled)
-            if speculative is None or plain is None:
+            # Speculative first: on plain steps where nothing speculated (every plain step
+            # asks, via _reset_wait_if_paying) the plain window is then never summed.
+            speculative = self.rates.rate((bucket, all_sampled, True))
+            plain = None if speculative is None else self.rates.rate((bucket, all_sampled, False))
+            if plain is None:
                 return None
             self.verdicts[key] = speculative < plain
         return self.verdicts[key]
