@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import cast_stats, greedy_token_ids
+from conftest import cast_stats, greedy_token_ids, model_runner
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_cast.dormancy import DraftDormancy
@@ -92,7 +92,7 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     """Speculation hopeless (forced): the batch's requests are undrafted before their prompt
     step and never get drafts, nothing is stashed, every step runs as vLLM's plain decoding
     (no drafter call, prompt steps included), and output stays vanilla's."""
-    runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
     drafting_calls = []
     propose = runner.propose_draft_token_ids

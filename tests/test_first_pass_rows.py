@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import cast_stats, greedy_token_ids
+from conftest import cast_stats, greedy_token_ids, model_runner
 from vllm import SamplingParams
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -44,10 +44,6 @@ def test_nothing_changes_when_every_request_is_drafted_or_has_one_row():
     assert drafted_rows_only([False, True], *single[:3], None, single[3])[4] is single[3]
 
 
-def _runner(llm):
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-
-
 def _first_pass_rows(runner, monkeypatch) -> list[int]:
     """Rows of every draft first pass from now on."""
     counts = []
@@ -66,18 +62,18 @@ def _generate_in_steps(llm, arrivals: list[list[str]], max_tokens: int) -> list[
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens)  # as greedy_token_ids
     finished, order = {}, []
-    for step, prompts in enumerate(arrivals):
+
+    def step() -> None:
+        finished.update((output.request_id, list(output.outputs[0].token_ids))
+                        for output in engine.step() if output.finished)
+
+    for group, prompts in enumerate(arrivals):
         for prompt in prompts:
-            request_id = f"arrival-{step}-{len(order)}"
-            engine.add_request(request_id, prompt, params)
-            order.append(request_id)
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = list(output.outputs[0].token_ids)
+            order.append(f"arrival-{group}-{len(order)}")
+            engine.add_request(order[-1], prompt, params)
+        step()
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = list(output.outputs[0].token_ids)
+        step()
     return [finished[request_id] for request_id in order]
 
 
@@ -86,7 +82,7 @@ def test_prompts_joining_a_verification_while_hopeless_are_never_drafted(vanilla
     probe, at a batch size where speculation is hopeless (forced): every request is
     undrafted before that step, the probe is still verified, the draft model never runs
     again, and output stays vanilla's."""
-    runner = _runner(default_cast_llm)
+    runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args: batch_size > 1)
     prompts = load_prompts("alpaca", limit=8)
     first_pass_rows = _first_pass_rows(runner, monkeypatch)
@@ -103,7 +99,7 @@ def test_a_drafted_prompt_does_not_draft_the_rows_of_prompts_never_drafted(vanil
     """Prompts with a repetition penalty (never drafted: logits processing) arrive with one
     that may be drafted: the draft first pass of their prompt step holds that one's prompt
     rows and one row per other request, and output stays vanilla's."""
-    runner = _runner(default_cast_llm)
+    runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
     monkeypatch.setattr(runner.drafter.dormancy, "steps_left", 0)  # not dormant: the prompt step drafts
     first_pass_rows = _first_pass_rows(runner, monkeypatch)
@@ -127,7 +123,7 @@ def test_lone_arrivals_followed_by_bursts_are_not_drafted_alone(vanilla_llm, def
     decoded row, and output stays vanilla's throughout."""
     from vllm_cast.solo_probes import COMPANY_OUTCOMES
 
-    runner = _runner(default_cast_llm)
+    runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args: batch_size > 1)
     monkeypatch.setattr(runner.drafter.solo, "joined", runner.drafter.solo.joined.__class__(maxlen=COMPANY_OUTCOMES))
     prompts = load_prompts("gsm8k", limit=4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import greedy_token_ids
+from conftest import greedy_token_ids, model_runner
 
 from vllm_cast.prompts import load_prompts
 from vllm_cast.solo_probes import COMPANY_OUTCOMES, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
@@ -78,7 +78,7 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
     top-1 chains of max_depth nodes (the node budget allows 16), and output is vanilla's.
     The first prompt was run before: prefix caching holds all of it but one row, and its
     prompt step (one row, like a decode step) is still no probe verification."""
-    runner = default_cast_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     probes: list[tuple[str, int, bool]] = []
     draft_probe = drafter._draft_probe

@@ -221,7 +221,8 @@ class CostTable:
         return self._lookup(grid, batch_size, context, tokens)
 
     def at(self, batch_size: int, context: float, max_tokens: int) -> StepCosts:
-        """Both cost curves at one (batch, context), for 1..``max_tokens`` tokens."""
+        """The four cost curves (draft, target, chain target, chain draft) at one (batch, context),
+        for 1..``max_tokens`` tokens."""
         curves = {name: self._curve(grid, batch_size, context, max_tokens) for name, grid in (
             ("draft", self.draft_seconds), ("target", self.target_seconds),
             ("chain_target", self.target_seconds if self.chain_target_seconds is None else self.chain_target_seconds),

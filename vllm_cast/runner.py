@@ -62,6 +62,9 @@ class CastRunnerMixin:
         """Requests whose rows the draft stopped seeing (dropped while speculation was
         hopeless): they are never given drafts nor feed the calibrator."""
         self._undrafted_total = 0
+        self._drafted_rows = np.zeros(0, dtype=bool)
+        """Per batch row this step: not undrafted (bool ``[B]``, set by ``_prepare_inputs``
+        after the hopeless verdict; read by drafting)."""
         self._lone_arrival = False
         """This step's batch is one request, new this step (vllm_cast.solo_probes)."""
         self._prompt_deferred = False
@@ -212,11 +215,13 @@ class CastRunnerMixin:
         # spec-decode metadata, no drafter call), under synchronous scheduling (vLLM's async
         # path hands sampled tokens to the drafter's next step).
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        already_undrafted = len(self._undrafted) == len(req_ids)  # it holds batch members only
-        drafted = None if already_undrafted else np.array([req_id not in self._undrafted for req_id in req_ids])
-        if already_undrafted or self._undraft_if_hopeless(req_ids, drafted, num_scheduled_tokens):
-            if not already_undrafted:
+        self._drafted_rows = np.array([req_id not in self._undrafted for req_id in req_ids] if self._undrafted
+                                      else [True] * len(req_ids), dtype=bool)
+        any_drafted = bool(self._drafted_rows.any())
+        if not any_drafted or self._undraft_if_hopeless(req_ids, self._drafted_rows, num_scheduled_tokens):
+            if any_drafted:
                 self.drafter.dormancy.forget()  # every request is undrafted now
+                self._drafted_rows[:] = False
             if self._spec_tokens == 0 and not self.use_async_scheduling:
                 self.speculative_config = None  # back in sample_tokens
                 self._root_candidates = None
@@ -396,8 +401,7 @@ class CastRunnerMixin:
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
-        self.drafter.draftable = [plain and req_id not in self._undrafted
-                                  for plain, req_id in zip(self._plain, req_ids)]
+        self.drafter.draftable = [plain and drafted for plain, drafted in zip(self._plain, self._drafted_rows.tolist())]
         self.drafter.sampled_rows = self._sampled
         started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
@@ -419,8 +423,7 @@ class CastRunnerMixin:
         is dormant (see vllm_cast.dormancy) or the batch is a lone arrival expecting company
         (see vllm_cast.solo_probes); then the rows the drafter would read are kept for the
         next drafting step (undrafted requests' rows are not)."""
-        undrafted = self._undrafted
-        keep = np.array([req_id not in undrafted for req_id in req_ids] if undrafted else [True] * len(req_ids))
+        keep = self._drafted_rows
         if keep.any():
             drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
             if drafted or aux_hidden_states is None:
