@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_cast.cpu_gemm import PRIMITIVE_CACHE_ENTRIES, WARMED_ROWS_CAP, decode_row_counts, enlarge_primitive_caches
+from vllm_cast.cpu_gemm import PRIMITIVE_CACHE_ENTRIES, enlarge_primitive_caches
 
 
 def test_vllm_cpu_linear_layers_get_the_enlarged_cache(monkeypatch):
@@ -29,8 +29,3 @@ def test_vllm_cpu_linear_layers_get_the_enlarged_cache(monkeypatch):
     rows = torch.randn(5, 64)
     torch.testing.assert_close(layer.cpu_linear(rows, layer.weight, layer.bias), layer(rows), rtol=1e-4, atol=1e-5)
 
-
-def test_decode_row_counts_cover_every_request_at_full_depth_within_the_cap():
-    assert decode_row_counts(4, 6, 8192) == range(1, 33)
-    assert decode_row_counts(4, 6, 20) == range(1, 21)
-    assert decode_row_counts(256, 6, 8192) == range(1, WARMED_ROWS_CAP + 1)

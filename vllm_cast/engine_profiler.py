@@ -144,9 +144,3 @@ class ForwardTimers:
     def chain_draft(self, batch: int, context: int, new_tokens: int) -> float:
         """One draft forward over causal rows (EAGLE's first pass over verified tokens)."""
         return self.draft(batch, context, new_tokens, tree=False)
-
-    def run_once(self, rows: int) -> None:
-        """One causal target and one causal draft forward over ``rows`` rows of one
-        sequence (sets up the kernels of that row count; see vllm_cast.cpu_gemm)."""
-        self._target_forward(1, 0, rows, tree=False)()
-        self._draft_forward(1, 0, rows, tree=False)()

@@ -25,7 +25,6 @@ from vllm_cast.attention.cpu_kv_layout import move_tokens
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import profile_table
 from vllm_cast.cost_tables import cost_source, resolve_table, table_key
-from vllm_cast.cpu_gemm import decode_row_counts, warm_row_counts
 from vllm_cast.draft_delivery import with_drafts
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
@@ -113,15 +112,6 @@ class CastRunnerMixin:
                                                                  tokens, timers.chain_target, timers.chain_draft),
                              max_tokens, max_batch=batches[-1])
         self.set_cost_source(cost_source(table, max_tokens))
-
-    def cast_set_up_kernels(self) -> None:
-        """Set up the CPU matmul kernels of every row count decoding steps run (worker
-        start-up, after the KV cache exists; see vllm_cast.cpu_gemm). Those shapes are then
-        no longer cold (``_first_run_of_a_shape``)."""
-        counts = decode_row_counts(self.scheduler_config.max_num_seqs, self.drafter.cast_params.max_depth,
-                                   self.scheduler_config.max_num_batched_tokens)
-        warm_row_counts(ForwardTimers(self).run_once, counts)
-        self._seen_forward_shapes.update((model, rows) for rows in counts for model in ("target", "draft"))
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):

@@ -36,7 +36,6 @@ class CastCPUWorker(CPUWorker):
     def compile_or_warm_up_model(self):
         times = super().compile_or_warm_up_model()
         self.model_runner.cast_prepare_costs()
-        self.model_runner.cast_set_up_kernels()
         return times
 
     def cast_stats(self) -> dict[str, float]:
