@@ -4,17 +4,18 @@ vLLM's CPU linear layers (and LM heads) run oneDNN matmuls whose kernel for one 
 row count (a "primitive") is created on first use and kept in a per-layer cache of 32
 entries. Plain decoding runs a handful of row counts (its batch sizes); CAST runs many
 (verified tree sizes, first passes over accepted rows, tree layers), so with 32 entries it
-keeps evicting and re-creating them. Measured on the 2-core CPU with the ``ci`` fixture's
-target: the first forward at a new row count costs ~7 ms more than the next (a plain step
-is ~3 ms), and sweeping 112 row counts again costs 1.28 s with 32 entries against 1.03 s
-with 512. CAST's engines therefore get larger caches (~17 MB more for those 112 counts).
+keeps evicting and re-creating them. Measured on a 2-core AMD EPYC with the ``ci``
+fixture's target: the first forward at a new row count costs ~7 ms more than the next (a
+plain step is ~3 ms), and sweeping 112 row counts again costs 1.28 s with 32 entries
+against 1.03 s with 512. CAST's engines therefore get larger caches (~17 MB more for those
+112 counts).
 
 Kernels are created as decoding meets their row counts, not in advance: creating every
 count decoding could run (1-256 rows, each layer) at start-up made every later forward
-slower, the plain ones included. One engine per process, 32 requests decoding (the target
-forward over 32 rows): 3.98-4.04 ms with those kernels set up against vanilla's 3.26-3.28 ms,
-3.40-3.46 ms without against 3.41 ms (greedy B=1/2/4 cells from a cold engine took as long
-either way)."""
+slower, the plain ones included. On a 2-core Intel Xeon, one engine per process, 32
+requests decoding (a target forward over 32 rows): 3.98-4.04 ms with those kernels set up
+against vanilla's 3.26-3.28 ms, 3.40-3.46 ms without against 3.41 ms (greedy B=1/2/4 cells
+from a cold engine took as long either way)."""
 
 from __future__ import annotations
 
