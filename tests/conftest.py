@@ -59,14 +59,19 @@ def spec_counters(llm) -> dict[str, float]:
     return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
 
 
+def _executor(llm):
+    """The model executor of an in-process offline engine."""
+    return llm.llm_engine.engine_core.engine_core.model_executor
+
+
 def model_runner(llm):
     """The model runner of an in-process offline engine (CAST's runner for CAST engines)."""
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    return _executor(llm).driver_worker.worker.model_runner
 
 
 def count_draft_rpcs(llm, run) -> int:
     """Calls of the engine core's ``take_draft_token_ids`` RPC during ``run()``."""
-    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    executor = _executor(llm)
     original = executor.take_draft_token_ids
     calls = 0
 

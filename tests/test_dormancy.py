@@ -116,8 +116,8 @@ def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_
     """T=1 on this fixture, one request at a time: each request's solo probes (and any
     dormant probes) measure slower than plain decoding, so it is undrafted; once no recent
     probe paid, later requests are undrafted from their prompt on (no draft pass over long
-    prompts). Probe row counts were set up at start-up (vllm_cast.cpu_gemm), so they count
-    as throughput samples."""
+    prompts). A probe's step is a throughput sample once its row counts have run before in
+    this engine (the first run of each is not: vllm_cast.runner's ``_first_run_of_a_shape``)."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=0)
