@@ -5,7 +5,8 @@ from __future__ import annotations
 from conftest import greedy_token_ids, model_runner
 
 from vllm_cast.prompts import load_prompts
-from vllm_cast.solo_probes import COMPANY_OUTCOMES, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES, PROBE_STEPS, SoloProbes
+from vllm_cast.solo_probes import (COMPANY_OUTCOMES, LONGEST_REPROBE_WAIT, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES,
+                                   PROBE_STEPS, REPROBE_WAIT_STEPS, SoloProbes)
 
 PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
 
@@ -65,6 +66,49 @@ def test_probes_are_as_deep_as_recent_probes_of_their_mode_were_accepted_plus_he
     assert solo.probe_depth(True, 6) == 6
 
 
+def _wait_until_probed(solo: SoloProbes, req_id: str) -> int:
+    """Steps the request, measured slower, waits before it wants a probe again."""
+    waited = 0
+    while not solo.wants_probe(req_id, False):
+        assert solo.slower(req_id, PLAIN_RATE), "waiting requests are the ones measured slower"
+        solo.waited_a_step(req_id)
+        waited += 1
+        assert waited <= LONGEST_REPROBE_WAIT, "never probed again"
+    return waited
+
+
+def test_a_request_measured_slower_is_probed_again_after_doubling_waits():
+    solo = SoloProbes()
+    assert not solo.reprobes(False), "no probed request has paid in this mode yet"
+    _probe_and_measure(solo, "paying", 7, 0.020)
+    assert solo.reprobes(False) and not solo.reprobes(True), "a greedy probed request paid"
+    _probe_and_measure(solo, "a", 1, 0.010)
+    assert solo.slower("a", PLAIN_RATE)
+    waits = []
+    for _ in range(5):
+        waits.append(_wait_until_probed(solo, "a"))
+        assert solo.slower("a", PLAIN_RATE) is False, "judged on its new probes alone"
+        _probe_and_measure(solo, "a", 1, 0.010)
+    assert waits == [min(REPROBE_WAIT_STEPS * 2**i, LONGEST_REPROBE_WAIT) for i in range(5)], waits
+    _wait_until_probed(solo, "a")
+    _probe_and_measure(solo, "a", 7, 0.020)
+    assert solo.slower("a", PLAIN_RATE) is False, "its new probes paid: it speculates again"
+
+
+def test_a_step_that_only_drafted_joins_the_next_verified_step():
+    """A re-probe's first step drafts without verifying: 1 token in 9 ms, then its probe
+    accepted whole, 7 tokens in 11 ms. Recorded as one step, 8 tokens in 20 ms (400/s)."""
+    solo = SoloProbes()
+    solo.drafted_probe("a")
+    solo.record("a", False, 1, 0.009, PLAIN_RATE, verified=False)
+    solo.record("a", False, 7, 0.011, PLAIN_RATE)
+    solo.drafted_probe("a")
+    solo.record("a", False, 1, 0.004, PLAIN_RATE)
+    assert solo.slower("a", 300.0) is False, "9 tokens in 24 ms: 375 tokens/s"
+    assert solo.slower("a", 400.0), "below 400 tokens/s"
+    assert solo.probe_depth(False, 8) == 6 + PROBE_DEPTH_HEADROOM, "accepted runs count the verified step's own tokens"
+
+
 def test_finished_requests_are_forgotten():
     solo = SoloProbes()
     _probe_and_measure(solo, "a", 1, 0.010)
@@ -98,7 +142,6 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
     requests = {req_id for req_id, _, _ in probes}
     assert len(requests) == len(prompts), f"probed {len(requests)} of {len(prompts)} solo requests"
     assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in probes), probes
-    assert all(sum(1 for r, _, _ in probes if r == req_id) <= PROBE_STEPS for req_id in requests)
 
 
 def test_lone_arrivals_put_drafting_off_while_bursts_follow_them():
@@ -110,3 +153,30 @@ def test_lone_arrivals_put_drafting_off_while_bursts_follow_them():
     assert solo.expects_company()
     solo.record_arrival(joined=False)
     assert not solo.expects_company(), "one lone arrival stayed alone"
+
+
+def test_a_solo_request_measured_slower_is_probed_again_with_vanilla_output(vanilla_llm, default_cast_llm,
+                                                                            monkeypatch):
+    """Real engine, greedy: a request decoding alone whose probes measure slower (plain
+    decoding's rate pretended 10^9 tokens/s) waits, its draft model idle, and is probed
+    again after REPROBE_WAIT_STEPS steps, then twice as many; output is vanilla's."""
+    runner = model_runner(default_cast_llm)
+    drafter = runner.drafter
+    probe_steps: list[int] = []
+    draft_probe = drafter._draft_probe
+
+    def recorded_probe(*args, **kwargs):
+        probe_steps.append(int(runner.input_batch.num_computed_tokens_cpu[0]))
+        return draft_probe(*args, **kwargs)
+
+    prompt = load_prompts("qa", limit=1)
+    drafter.solo.resume_probing(False)
+    drafter.solo.paid[False].append(True)  # an earlier probed request paid: slower ones are probed again
+    monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
+    monkeypatch.setattr(drafter.throughput, "plain_rate", lambda *args: 1e9)
+    skipped_before = drafter.skipped_steps
+    tokens = 3 * REPROBE_WAIT_STEPS + 4 * (PROBE_STEPS + 1) * drafter.cast_params.max_depth
+    assert greedy_token_ids(default_cast_llm, prompt, tokens) == greedy_token_ids(vanilla_llm, prompt, tokens)
+    assert len(probe_steps) >= 3 * PROBE_STEPS, f"probed at {probe_steps}: not probed again twice"
+    assert drafter.skipped_steps - skipped_before >= 3 * REPROBE_WAIT_STEPS, "waits skipped the draft model"
+    assert not runner._undrafted, "a request that waits for a re-probe is not undrafted"

@@ -169,7 +169,9 @@ class CastProposer(EagleProposer):
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
-        if num_speculative_tokens == 0 or self.cost_source is None:
+        sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
+        all_sampled = bool(sampled.all())
+        if num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower(all_sampled):
             return [[] for _ in range(batch)]
         layer_slots = _LayerSlots.of(self.positions[sample_rows], cad.block_table_tensor, self.block_size,
                                      self.max_nodes)
@@ -177,8 +179,6 @@ class CastProposer(EagleProposer):
         context = float(layer_slots.root_positions.mean()) + 2
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
-        sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
-        all_sampled = bool(sampled.all())
         probe = self.awaits_solo_probe(all_sampled)
         draft = self._draft_probe if probe else self._draft_trees
         forwarded_widths = draft(normed, hidden, cad, layer_slots, next_token_ids, sampled, costs, first_pass_rows)
@@ -208,6 +208,11 @@ class CastProposer(EagleProposer):
         return (len(self.batch_req_ids) == 1 and self.cast_params.decline_unprofitable
                 and (self.draftable is None or self.draftable[0])
                 and self.solo.wants_probe(self.batch_req_ids[0], all_sampled))
+
+    def solo_waits(self, all_sampled: bool) -> bool:
+        """Whether this step's batch is one probed request that measured slower and waits
+        for its re-probe (vllm_cast.solo_probes): its rows are kept, the draft does not run."""
+        return bool(self._solo_slower(all_sampled)) and self.solo.reprobes(all_sampled)
 
     def _draft_trees(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
                      layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
@@ -308,12 +313,13 @@ class CastProposer(EagleProposer):
         priced one is memoised per batch size, context bucket and mode, and all priced
         verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
         alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once
-        they measured slower, never before its probes have run."""
+        they measured slower where its mode's requests are not re-probed, never before its
+        probes have run."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         solo = self._solo_slower(all_sampled)
         if solo is not None:
-            return solo
+            return solo and not self.solo.reprobes(all_sampled)
         if self.awaits_solo_probe(all_sampled):
             return False
         if self.throughput.measured_slower(batch_size, all_sampled):

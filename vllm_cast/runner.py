@@ -174,7 +174,7 @@ class CastRunnerMixin:
             self.drafter.solo.resume_probing(self._all_sampled)
         if speculative and batch == 1:
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
-                                     throughput.plain_rate(1, self._all_sampled))
+                                     throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
@@ -410,8 +410,8 @@ class CastRunnerMixin:
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
         """Whether this step skips all of vLLM's and CAST's drafting work: every request is
         undrafted (see ``_undraft_if_hopeless``), or nothing was drafted this step and CAST
-        is dormant (see vllm_cast.dormancy) or the batch is a lone arrival expecting company
-        (see vllm_cast.solo_probes); then the rows the drafter would read are kept for the
+        is dormant (see vllm_cast.dormancy), or the batch is a lone arrival expecting company
+        or one request waiting for its re-probe (see vllm_cast.solo_probes); then the rows the drafter would read are kept for the
         next drafting step (undrafted requests' rows are not)."""
         keep = self._drafted_rows
         if keep.any():
@@ -425,7 +425,11 @@ class CastRunnerMixin:
                 if not self.drafter.dormancy.fits(rows):
                     return False
                 self._prompt_deferred = True
-            elif self.drafter.awaits_solo_probe(self._all_sampled) or not self.drafter.dormancy.should_skip(rows):
+            elif self.drafter.awaits_solo_probe(self._all_sampled):
+                return False
+            elif self.drafter.solo_waits(self._all_sampled) and self.drafter.dormancy.fits(rows):
+                self.drafter.solo.waited_a_step(req_ids[0])
+            elif not self.drafter.dormancy.should_skip(rows):
                 return False
             self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
         self.drafter.skipped_steps += 1
