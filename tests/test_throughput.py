@@ -7,7 +7,8 @@ from types import SimpleNamespace
 from vllm_cast.config import CastParams
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.throughput import MIN_STEPS, STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput
+from vllm_cast.throughput import (MIN_STEPS, REQUEST_STEPS, STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput,
+                                  SlowestRequest)
 from vllm_cast.tree_builder import StepDecision
 
 
@@ -38,6 +39,18 @@ def test_faster_speculation_is_kept_and_recent_steps_decide():
     _record(throughput, 1, speculative=True, tokens=1, seconds=0.008, steps=WINDOW_ENTRIES)  # 125 tokens/s
     assert throughput.should_decline(1, False)
     assert abs(throughput.summary()["spec_tps_b0"] - 125.0) < 1e-6, "only the recent window counts"
+
+
+def test_a_speculative_step_counts_its_slowest_request_s_pace():
+    slowest = SlowestRequest()
+    assert slowest.lockstep_tokens(["a"], [5]) == 5.0, "one request: its own tokens"
+    assert slowest.lockstep_tokens(["a", "b"], [7, 1]) == 2 * 1.0, "b emitted one token"
+    assert slowest.lockstep_tokens(["a", "b"], [5, 5]) == 2 * 3.0, "b's mean over its two steps"
+    for _ in range(REQUEST_STEPS):
+        tokens = slowest.lockstep_tokens(["a", "b"], [7, 4])
+    assert tokens == 2 * 4.0, f"only b's last {REQUEST_STEPS} steps count"
+    assert slowest.lockstep_tokens(["b", "c"], [4, 7]) == 2 * 4.0, "c is new: its one step counts"
+    assert set(slowest.recent) == {"b", "c"}, "a left the batch: forgotten"
 
 
 def test_drafting_new_prompts_is_charged_to_speculation():

@@ -170,11 +170,22 @@ class CastRunnerMixin:
                                                    len(decision.draft_forward_tokens) - 1)
         speculative = self._verified_drafts or decision is not None
         throughput = self.drafter.throughput
-        if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
+        tokens = self._lockstep_tokens(batch) if speculative else self._emitted_tokens
+        if throughput.record(batch, self._all_sampled, speculative, tokens, measured):
             self.drafter.solo.resume_probing(self._all_sampled)
         if speculative and batch == 1:
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
                                      throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
+
+    def _lockstep_tokens(self, batch: int) -> float:
+        """This speculative step's tokens at its slowest drafted request's recent pace
+        (vllm_cast.throughput.SlowestRequest; requests never drafted are left out)."""
+        emitted = [1] * batch if self._verdicts is None else [len(tokens) for tokens in self._verdicts.tokens]
+        drafted = [(req_id, count) for req_id, count, kept in zip(self.input_batch.req_ids[:batch], emitted,
+                                                                self._drafted_rows) if kept]
+        if not drafted:
+            return float(self._emitted_tokens)
+        return batch / len(drafted) * self.drafter.throughput.slowest.lockstep_tokens(*map(list, zip(*drafted)))
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
@@ -411,8 +422,9 @@ class CastRunnerMixin:
         """Whether this step skips all of vLLM's and CAST's drafting work: every request is
         undrafted (see ``_undraft_if_hopeless``), or nothing was drafted this step and CAST
         is dormant (see vllm_cast.dormancy), or the batch is a lone arrival expecting company
-        or one request waiting for its re-probe (see vllm_cast.solo_probes); then the rows the drafter would read are kept for the
-        next drafting step (undrafted requests' rows are not)."""
+        or one request waiting for its re-probe (see vllm_cast.solo_probes); then the rows
+        the drafter would read are kept for the next drafting step (undrafted requests'
+        rows are not)."""
         keep = self._drafted_rows
         if keep.any():
             drafted = spec_decode_metadata is not None and any(spec_decode_metadata.num_draft_tokens)
