@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from conftest import greedy_token_ids, model_runner
+
 from vllm_cast.config import CastParams
+from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
 from vllm_cast.throughput import (MIN_STEPS, REQUEST_STEPS, STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput,
@@ -51,6 +54,32 @@ def test_a_speculative_step_counts_its_slowest_request_s_pace():
     assert tokens == 2 * 4.0, f"only b's last {REQUEST_STEPS} steps count"
     assert slowest.lockstep_tokens(["b", "c"], [4, 7]) == 2 * 4.0, "c is new: its one step counts"
     assert set(slowest.recent) == {"b", "c"}, "a left the batch: forgotten"
+
+
+def test_an_engine_counts_a_batch_s_speculative_steps_at_its_slowest_request(cast_llm, monkeypatch):
+    """Real engine, greedy, one qa and one MT-Bench request decoding together: each
+    speculative step of both is counted as 2 x the lower of their mean tokens over their
+    last REQUEST_STEPS speculative steps, which falls below the tokens the step emitted
+    when the two requests' drafts run to different depths."""
+    runner = model_runner(cast_llm)
+    throughput = runner.drafter.throughput
+    steps: list[tuple[float, list[int]]] = []  # (counted tokens, each request's emitted tokens)
+    record = throughput.record
+
+    def recorded(batch, all_sampled, speculative, tokens, seconds):
+        if speculative and batch == 2 and runner._verdicts is not None:
+            steps.append((tokens, [len(emitted) for emitted in runner._verdicts.tokens]))
+        return record(batch, all_sampled, speculative, tokens, seconds)
+
+    monkeypatch.setattr(throughput, "record", recorded)
+    greedy_token_ids(cast_llm, load_prompts("qa", limit=1) + load_prompts("mt_bench", limit=1), 32)
+    assert steps, "no speculative step of the two requests together was measured"
+    history: list[list[int]] = [[], []]
+    for counted, emitted in steps:
+        for window, tokens in zip(history, emitted):
+            window[:] = (window + [tokens])[-REQUEST_STEPS:]
+        assert counted == 2 * min(sum(window) / len(window) for window in history), (counted, emitted, history)
+    assert any(counted < sum(emitted) for counted, emitted in steps), f"never below the emitted sum: {steps}"
 
 
 def test_drafting_new_prompts_is_charged_to_speculation():

@@ -181,11 +181,13 @@ class CastRunnerMixin:
         """This speculative step's tokens at its slowest drafted request's recent pace
         (vllm_cast.throughput.SlowestRequest; requests never drafted are left out)."""
         emitted = [1] * batch if self._verdicts is None else [len(tokens) for tokens in self._verdicts.tokens]
-        drafted = [(req_id, count) for req_id, count, kept in zip(self.input_batch.req_ids[:batch], emitted,
-                                                                self._drafted_rows) if kept]
-        if not drafted:
+        rows = [row for row, kept in enumerate(self._drafted_rows[: len(emitted)]) if kept]
+        if not rows:
             return float(self._emitted_tokens)
-        return batch / len(drafted) * self.drafter.throughput.slowest.lockstep_tokens(*map(list, zip(*drafted)))
+        req_ids = self.input_batch.req_ids
+        slowest_pace = self.drafter.throughput.slowest.lockstep_tokens([req_ids[row] for row in rows],
+                                                                       [emitted[row] for row in rows])
+        return batch / len(rows) * slowest_pace
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
