@@ -53,7 +53,7 @@ def test_a_speculative_step_counts_its_slowest_request_s_pace():
         tokens = slowest.lockstep_tokens(["a", "b"], [7, 4])
     assert tokens == 2 * 4.0, f"only b's last {REQUEST_STEPS} steps count"
     assert slowest.lockstep_tokens(["b", "c"], [4, 7]) == 2 * 4.0, "c is new: its one step counts"
-    assert set(slowest.recent) == {"b", "c"}, "a left the batch: forgotten"
+    assert set(slowest.windows) == {"b", "c"}, "a left the batch: forgotten"
 
 
 def test_an_engine_counts_a_batch_s_speculative_steps_at_its_slowest_request(cast_llm, monkeypatch):

@@ -13,10 +13,11 @@ they measure fewer it is not drafted (its rows are kept, vllm_cast.dormancy) and
 speculates again or waits twice as long (up to ``LONGEST_REPROBE_WAIT``). A request whose
 first probes missed is often predictable later (greedy B=1, 64 tokens, six tasks, side by
 side in one process: with requests undrafted for good after their probes, CAST read 1.17x
-of vanilla where always speculating read 1.25x; with re-probes, 1.24x against 1.24x). Where no recent probed request of the mode paid,
-a request measured slower is not drafted again at all. Two probes, not one, because a
-response's first tokens are its least predictable (one probe at the first decode step lost
-alpaca requests whose later drafts ran 4-5 tokens deep).
+of vanilla where always speculating read 1.25x; with re-probes, 1.24x against 1.24x).
+Where no recent probed request of the mode paid, a request measured slower is not drafted
+again at all. Two probes, not one, because a response's first tokens are its least
+predictable (one probe at the first decode step lost alpaca requests whose later drafts ran
+4-5 tokens deep).
 
 A probe is as deep as the longest run of drafts the recent probes of its verification mode
 had accepted, plus ``PROBE_DEPTH_HEADROOM`` (as deep as allowed before any): a probe that

@@ -52,7 +52,7 @@ solo requests that are not probed."""
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Hashable
 
 from vllm_cast.step_overheads import RecentWindows, batch_bucket
@@ -96,22 +96,22 @@ class RecentTotals(RecentWindows):
         return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
 
 
-class SlowestRequest:
+class SlowestRequest(RecentWindows):
     """Per request in the batch, the tokens it emitted on its last ``REQUEST_STEPS``
     speculative steps; a step's tokens counted at the slowest request's pace (module doc)."""
 
     def __init__(self) -> None:
-        self.recent: dict[str, deque[int]] = {}
+        super().__init__(REQUEST_STEPS)
 
     def lockstep_tokens(self, req_ids: list[str], emitted: list[int]) -> float:
         """A speculative step's tokens as ``len(req_ids)`` times the lowest per-request
         mean, after adding each request's ``emitted`` tokens ``[B]`` (requests not in
         ``req_ids`` are forgotten)."""
-        recent = {req_id: self.recent.get(req_id) or deque(maxlen=REQUEST_STEPS) for req_id in req_ids}
+        for req_id in self.windows.keys() - set(req_ids):
+            self.forget(req_id)
         for req_id, tokens in zip(req_ids, emitted):
-            recent[req_id].append(tokens)
-        self.recent = recent
-        return len(req_ids) * min(sum(window) / len(window) for window in recent.values())
+            self.add(req_id, tokens)
+        return len(req_ids) * min(sum(window) / len(window) for window in self.windows.values())
 
 
 class MeasuredThroughput:
