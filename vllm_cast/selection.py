@@ -14,33 +14,37 @@ import torch
 TIE_TOLERANCE = 1e-9
 """Relative slack so exact ties (Theorem 4.1's boundary) survive float64 rounding."""
 
-Curve = torch.Tensor | np.ndarray
-"""A 1-D (or, batched, 2-D) float curve on the CPU; numpy is used for speed on the tiny
-per-step curves (torch's per-op overhead dominates at these sizes)."""
+Curve = torch.Tensor | np.ndarray | list[float]
+"""A 1-D (or, batched, 2-D) float curve on the CPU; numpy or plain lists are used for
+speed on the tiny per-step curves (torch's per-op overhead dominates at these sizes)."""
 
 
-def running_max(costs: Curve) -> np.ndarray:
-    """Monotone envelope of ``costs`` along the last dimension (float64)."""
-    return np.maximum.accumulate(np.asarray(costs, dtype=np.float64), axis=-1)
+def _floats(curve: Curve) -> list[float]:
+    """A 1-D curve as a list of Python floats."""
+    return curve if isinstance(curve, list) else np.asarray(curve, dtype=np.float64).tolist()
 
 
 def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> int:
     """Largest index reachable by accepted steps from ``base``.
 
-    utility, cost: 1-D float curves of equal length (index = number of items kept).
+    utility, cost: 1-D float curves of equal length (index = number of items kept); the
+    cost is read as its running maximum (see module doc).
     Step ``anchor -> k`` is accepted when ``u[k] > u[anchor]`` and
     ``u[k] - u[anchor] >= threshold * (c[k] - c[anchor])``; later steps are measured from
     the last accepted index, which makes the rule robust to locally non-concave utility.
     Returns an index in ``[base, len(utility) - 1]``."""
-    u = np.asarray(utility, dtype=np.float64).tolist()
-    c = running_max(cost).tolist()
+    u, c = _floats(utility), _floats(cost)
     slack = threshold * (1 - TIE_TOLERANCE)
     anchor = base
-    u_anchor, c_anchor = u[base], c[base]
+    u_anchor = u[base]
+    c_running = max(c[: base + 1])
+    c_anchor = c_running
     for k in range(base + 1, len(u)):
+        if c[k] > c_running:
+            c_running = c[k]
         gain = u[k] - u_anchor
-        if gain > 0 and gain >= slack * (c[k] - c_anchor):
-            anchor, u_anchor, c_anchor = k, u[k], c[k]
+        if gain > 0 and gain >= slack * (c_running - c_anchor):
+            anchor, u_anchor, c_anchor = k, u[k], c_running
     return anchor
 
 
@@ -49,5 +53,5 @@ def batched_select_max_valid_index(utility: Curve, cost: Curve, threshold: float
     cost curve ``[n+1]`` or one per row ``[R, n+1]``. Returns int64 ``[R]``."""
     rows = np.asarray(utility, dtype=np.float64)
     costs = np.broadcast_to(np.asarray(cost, dtype=np.float64), rows.shape)
-    return np.array([select_max_valid_index(row, row_cost, threshold, base) for row, row_cost in zip(rows, costs)],
-                    dtype=np.int64)
+    return np.array([select_max_valid_index(row, row_cost, threshold, base)
+                     for row, row_cost in zip(rows.tolist(), costs.tolist())], dtype=np.int64)

@@ -97,6 +97,13 @@ def _column_mean(values: np.ndarray) -> np.ndarray:
     return values[0] if values.shape[0] == 1 else np.add.reduce(values, 0) / values.shape[0]
 
 
+def _with_zero_column(values: np.ndarray) -> np.ndarray:
+    """``[B, C]`` values with a column of zeros in front, ``[B, C + 1]`` (a curve's index 0)."""
+    padded = np.zeros((values.shape[0], values.shape[1] + 1))
+    padded[:, 1:] = values
+    return padded
+
+
 def _column_max(values: np.ndarray) -> np.ndarray:
     """Maximum over the rows of ``[B, C]`` values, ``[C]`` (one row is its own maximum)."""
     return values[0] if values.shape[0] == 1 else np.maximum.reduce(values, 0)
@@ -127,10 +134,10 @@ class CastTreeBuilder:
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
         fixed = costs.verification_overhead / costs.plain_step_seconds
-        self.added_verify_cost = {chain: np.concatenate([[0.0], np.maximum(curve[2:] - curve[1] - fixed, 0.0)])
+        self.added_verify_cost = {chain: np.maximum(curve[2:] - curve[1] - fixed, 0.0)
                                   for chain, curve in ((False, self.target_cost), (True, self.chain_target_cost))}
-        """Target cost of verifying ``n`` nodes beyond the root, ``[n_max + 1]``, for trees
-        (False) and chains (True), without the fixed overhead of verifying at all: C3 weighs
+        """Target cost of verifying ``n`` = 1, 2, ... nodes beyond the root, ``[n_max]``, for
+        trees (False) and chains (True), without the fixed overhead of verifying at all: C3 weighs
         each node against what it adds, and whether verifying pays at all is the decline
         gate's call, which prices the whole step (vllm_cast.pricing). Charged to the first
         node, that overhead (its median reached 0.53 plain steps) made C3 refuse a first
@@ -148,8 +155,8 @@ class CastTreeBuilder:
         """``[max_nodes]`` 1, 2, ...: the deepest node of the first ``n`` nodes of a chain."""
         self.pool_value_array = np.zeros((0, 0))
         """Values of the pool's candidates ``[B, P]``, in pool order."""
-        self.breadth_cost = np.concatenate([[0.0], self.draft_cost[1 : self.k + 1]])
-        """Draft cost of forwarding a layer of ``w`` nodes, ``[K + 1]`` (index 0: none)."""
+        self.breadth_cost = [0.0, *self.draft_cost[1 : self.k + 1].tolist()]
+        """Draft cost of forwarding a layer of ``w`` nodes, ``K + 1`` floats (index 0: none)."""
         self.calibrate = calibrate
         self.pool_size = 1  # the root
         self.frontier_values: np.ndarray | None = None
@@ -192,20 +199,19 @@ class CastTreeBuilder:
         candidates share a parent, the previous frontier's slot ``column // siblings``; 0:
         children of the root, slot -1); decide on depth; return the frontier to expand or
         None to stop drafting."""
-        counted = self._expansion_values(values)
-        # By counted value, ties by real value: counted values are the value or 0, values <= 1.
-        order = _descending(values + 2.0 * (counted > 0))
-        per_row = np.zeros((values.shape[0], self.k + 1))  # every layer has at least K candidates
-        _gather(counted, order[:, : self.k]).cumsum(axis=1, out=per_row[:, 1:])
+        # Counted values are a prefix of the values sorted descending (see _counted).
+        order = _descending(values)
+        top_counted = self._counted(_gather(values, order[:, : self.k]))  # every layer has >= K candidates
         cost = self.breadth_cost
-        batch_utility = _column_mean(per_row)
+        batch_utility = [0.0, *_column_mean(top_counted).cumsum().tolist()]
         if self.per_request:
-            widths = batched_select_max_valid_index(per_row, cost, self.params.breadth_threshold, base=1)
+            widths = batched_select_max_valid_index(_with_zero_column(top_counted.cumsum(axis=1)), cost,
+                                                    self.params.breadth_threshold, base=1)
             width = int(widths.max())
         else:
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
             widths = None
-        kept_utility = float(batch_utility[width])
+        kept_utility = batch_utility[width]
         self.decision.widths.append(width)
         if self.prev_utility > 0:
             self.ratios.append(kept_utility / self.prev_utility)
@@ -214,15 +220,16 @@ class CastTreeBuilder:
         self.expected_tokens += kept_utility
         if len(self.decision.widths) >= self.params.max_depth:
             return None
-        if alpha * kept_utility < self._depth_threshold() * float(cost[width]):
+        if alpha * kept_utility < self._depth_threshold() * cost[width]:
             return None
-        self.drafting_cost += float(cost[width])
+        self.drafting_cost += cost[width]
         keep = order[:, :width]
-        kept_values = _gather(values, keep)
+        kept_values = _gather(values, keep)  # values are >= 0: a 0 is padding
         valid = kept_values > 0
         if widths is not None:
             valid &= np.arange(width)[None, :] < widths[:, None]
-        self.frontier_values = kept_values * valid
+            kept_values = kept_values * valid
+        self.frontier_values = kept_values
         parent_slot = keep // siblings if siblings else np.full_like(keep, -1)
         self.frontier = Frontier(tokens=_gather(tokens, keep), parent_slot=parent_slot, valid=valid,
                                  pool_index=keep + first_pool_index)
@@ -239,29 +246,28 @@ class CastTreeBuilder:
         return self.expected_tokens / (self.drafting_cost + float(verify[1 + nodes]))
 
     def _verify_cost(self, sorted_depths: np.ndarray) -> np.ndarray:
-        """Target cost of verifying the first ``n`` nodes of each row, ``[B, n_max + 1]``,
-        for pool depths sorted by value ``[B, n_max]``: the causal (chain) curve while those
-        nodes form a chain (their deepest node is at depth ``n``), the tree curve after."""
-        b, limit = sorted_depths.shape
-        is_chain = np.ones((b, limit + 1), dtype=bool)
-        is_chain[:, 1:] = np.maximum.accumulate(sorted_depths, axis=1) == self.depth_steps[:limit]
-        return np.where(is_chain, self.added_verify_cost[True][: limit + 1], self.added_verify_cost[False][: limit + 1])
+        """Target cost of verifying the first ``n`` = 1, 2, ... nodes of each row,
+        ``[B, n_max]``, for pool depths sorted by value ``[B, n_max]``: the causal (chain)
+        curve while those nodes form a chain (their deepest node is at depth ``n``), the
+        tree curve after."""
+        limit = sorted_depths.shape[1]
+        is_chain = np.maximum.accumulate(sorted_depths, axis=1) == self.depth_steps[:limit]
+        return np.where(is_chain, self.added_verify_cost[True][:limit], self.added_verify_cost[False][:limit])
 
     def _verify_counts(self, sorted_pool: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Dynamic reranking's verify count per request ``[B]`` for a pool whose values
         are sorted descending ``[B, P]`` (``order``: their pool positions, 0-based), C3
         against the target cost of that many nodes (chain or tree, see ``_verify_cost``)."""
-        b, pool = sorted_pool.shape
-        limit = min(self.max_nodes, pool)
+        limit = min(self.max_nodes, sorted_pool.shape[1])
         values = sorted_pool[:, :limit]
-        per_row = np.zeros((b, limit + 1))
-        values.cumsum(axis=1, out=per_row[:, 1:])
         cost = self._verify_cost(self.pool_depths[order[:, :limit]])
         if self.per_request:
-            counts = batched_select_max_valid_index(per_row, cost, self.params.verify_threshold)
+            counts = batched_select_max_valid_index(_with_zero_column(values.cumsum(axis=1)), _with_zero_column(cost),
+                                                    self.params.verify_threshold)
         else:
-            count = select_max_valid_index(_column_mean(per_row), _column_max(cost), self.params.verify_threshold)
-            counts = np.full(b, count)
+            count = select_max_valid_index([0.0, *_column_mean(values).cumsum().tolist()],
+                                           [0.0, *_column_max(cost).tolist()], self.params.verify_threshold)
+            counts = np.full(values.shape[0], count)
         return np.minimum(counts, (values > 0).sum(1))
 
     def _verify_cut(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,10 +281,11 @@ class CastTreeBuilder:
             self._cut = (self.pool_size, (sorted_values, order, self._verify_counts(sorted_values, order)))
         return self._cut[1]
 
-    def _expansion_values(self, values: np.ndarray) -> np.ndarray:
-        """Values ``[B, C]`` of the newest layer as breadth/depth pruning counts them: all
-        of them ("layer"), or only those inside the verify cut of the pool so far
-        ("verified"; the rest count 0)."""
+    def _counted(self, values: np.ndarray) -> np.ndarray:
+        """Values ``[B, C]`` of the newest layer's candidates as breadth/depth pruning
+        counts them: all of them ("layer"), or only those inside the verify cut of the pool
+        so far ("verified"; the rest count 0). The cut's last value is positive, so the
+        counted candidates are those of a row's largest values, ties included."""
         if self.params.expansion_utility == "layer":
             return values
         pool, _, counts = self._verify_cut()
