@@ -19,6 +19,7 @@ the number the shared table expected of them, shrunk towards 1 by
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable
 
@@ -99,6 +100,32 @@ class AcceptanceCalibrator:
             if factors is not None:
                 first = estimates[..., 0] * factors.reshape(-1, *([1] * (probs.ndim - 2)))
                 estimates[..., 0] = np.minimum(first, 1.0)
+            return estimates
+
+        return estimate
+
+    def row_estimator(self, sampled: np.ndarray, req_ids: list[str] | None = None) -> Callable[[int, list[float]], list[float]]:
+        """:meth:`estimator` in plain Python, one request's siblings at a time: ``(batch row,
+        draft probabilities of sibling ranks 0, 1, ... as floats) -> their estimates``. The
+        chain builder calls it once per request and layer right after a draft forward,
+        where each numpy call on these few values costs several times its warm time (cold
+        caches) and Python's float arithmetic does not."""
+        modes = np.asarray(sampled).astype(np.int64)
+        bins = self._trials_np.shape[2]
+        hits = self._accepted_np[modes].reshape(modes.size, -1).tolist()
+        trials = self._trials_np[modes].reshape(modes.size, -1).tolist()
+        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
+        factor_list = None if factors is None else factors.tolist()
+        edges, strength, last_rank = self._inner_edges.tolist(), self.prior_strength, self.ranks - 1
+
+        def estimate(row: int, probs: list[float]) -> list[float]:
+            row_hits, row_trials = hits[row], trials[row]
+            estimates = []
+            for rank, prob in enumerate(probs):
+                cell = min(rank, last_rank) * bins + bisect.bisect_right(edges, prob)
+                estimates.append((row_hits[cell] + strength * prob) / (row_trials[cell] + strength))
+            if factor_list is not None:
+                estimates[0] = min(estimates[0] * factor_list[row], 1.0)
             return estimates
 
         return estimate

@@ -27,6 +27,7 @@ from vllm_cast import pricing
 from vllm_cast.acceptance import AcceptanceCalibrator
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.batch_rows import row_numbers
+from vllm_cast.chain_builder import CHAIN_STEPS, CastChainBuilder
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
@@ -121,6 +122,9 @@ class CastProposer(EagleProposer):
         self.solo = SoloProbes()
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
+        self.chain_steps_left = 0
+        """Steps still to draft as chains before the tree builder decides again (see
+        ``_plan_next_builder``)."""
         self.last_trees: list[FlatTree] = []
         self.last_decision: StepDecision | None = None
         self.last_root_candidates: tuple[np.ndarray, np.ndarray] | None = None
@@ -222,10 +226,17 @@ class CastProposer(EagleProposer):
         layer loop's wall time) and ``last_root_candidates``. Returns each forwarded layer's
         width."""
         batch = hidden.shape[0]
-        builder = CastTreeBuilder(self.cast_params, costs, self.max_nodes, self.ratio_history,
-                                  calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
-                                  if self.cast_params.acceptance_calibration else None,
-                                  first_pass_cost=pricing.first_pass_seconds(costs, first_pass_rows) / costs.plain_step_seconds)
+        chain_step = self.chain_steps_left > 0
+        first_pass_cost = pricing.first_pass_seconds(costs, first_pass_rows) / costs.plain_step_seconds
+        calibrated = self.cast_params.acceptance_calibration
+        if chain_step:
+            builder = CastChainBuilder(
+                self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
+                calibrate_row=self.calibrator.row_estimator(sampled.numpy(), self.batch_req_ids) if calibrated else None)
+        else:
+            builder = CastTreeBuilder(
+                self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
+                calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids) if calibrated else None)
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
@@ -245,7 +256,21 @@ class CastProposer(EagleProposer):
         self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
         self.last_decision = builder.decision
         self.last_decision.measured_layer_seconds = layer_seconds
+        self.last_decision.chain_step = chain_step
+        self._plan_next_builder(builder)
         return forwarded_widths
+
+    def _plan_next_builder(self, builder: CastTreeBuilder | CastChainBuilder) -> None:
+        """After a step drafted by ``builder``: the next ``CHAIN_STEPS`` steps draft chains
+        (vllm_cast.chain_builder) when the tree builder's trees were all chains, one fewer
+        after each chain step, none once a chain step's breadth rule wanted a wider layer."""
+        if isinstance(builder, CastChainBuilder):
+            self.chain_steps_left = 0 if builder.wanted_width else self.chain_steps_left - 1
+        elif (self.cast_params.decision_scope == "batch" and max(builder.decision.widths) == 1
+              and all(tree.is_chain for tree in self.last_trees)):
+            self.chain_steps_left = CHAIN_STEPS
+        else:
+            self.chain_steps_left = 0
 
     def _draft_probe(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
                      layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
@@ -276,10 +301,13 @@ class CastProposer(EagleProposer):
             chain_probs.append(probs[0, 0])
             chain_tokens.append(tokens[0, 0])
         layer_seconds = time.perf_counter() - loop_started
-        estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(np.array(chain_probs)[None, :, None])
-        tree = FlatTree.chain(int(next_token_ids[0]), chain_tokens, np.cumprod(estimates.ravel()), chain_probs)
-        self.last_trees = [tree]
-        self.last_decision = StepDecision(widths=[1] * depth, verified=[depth], expected_accepted=float(tree.values[1:].sum()),
+        node_probs, node_tokens = np.array(chain_probs)[None], np.array(chain_tokens)[None]
+        estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(node_probs[:, :, None])
+        self.last_trees = FlatTree.chains(next_token_ids.long().cpu().numpy(), node_tokens,
+                                          np.cumprod(estimates.reshape(1, depth), axis=1), node_probs,
+                                          np.zeros_like(node_tokens), np.array([depth]))
+        expected_accepted = float(self.last_trees[0].values[1:].sum())
+        self.last_decision = StepDecision(widths=[1] * depth, verified=[depth], expected_accepted=expected_accepted,
                                           measured_layer_seconds=layer_seconds)
         return [1] * (depth - 1)
 

@@ -23,6 +23,8 @@ class CastStats:
     max_width: int = 0
     declined_steps: int = 0
     """Steps whose trees were dropped because plain decoding was priced faster."""
+    chain_steps: int = 0
+    """Steps drafted by the chain builder (vllm_cast.chain_builder)."""
     verified_sum: int = 0
     """Nodes chosen for verification, summed over requests and steps."""
     requests_sum: int = 0
@@ -43,6 +45,7 @@ class CastStats:
         self.requests_sum += len(decision.verified)
         self.verified_sum += sum(decision.verified)
         self.declined_steps += decision.declined
+        self.chain_steps += decision.chain_step
         if any(decision.verified):
             self.speculating_steps += 1
             self.depth_sum += decision.depth

@@ -9,9 +9,9 @@ parent ``-1`` past each tree's length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -39,14 +39,16 @@ class FlatTree:
                         cut(self.draft_probs), cut(self.ranks))
 
     @classmethod
-    def chain(cls, root_token: int, tokens: Sequence[int], values: Sequence[float], draft_probs: Sequence[float]) -> FlatTree:
-        """A chain below ``root_token``: each node's token, path value and draft
-        probability (``[D]`` each), every node its parent's first-ranked child."""
-        depth = len(tokens)
-        return cls(tokens=torch.tensor([root_token, *tokens], dtype=torch.int64), parents=torch.arange(-1, depth),
-                   values=torch.tensor([1.0, *values], dtype=torch.float32),
-                   draft_probs=torch.tensor([1.0, *draft_probs], dtype=torch.float32),
-                   ranks=torch.zeros(depth + 1, dtype=torch.int64))
+    def chains(cls, root_tokens: np.ndarray, tokens: np.ndarray, values: np.ndarray, draft_probs: np.ndarray,
+               ranks: np.ndarray, lengths: np.ndarray) -> list[FlatTree]:
+        """One chain below each request's root token ``[B]``: its nodes' tokens, path
+        values, draft probabilities and sibling ranks ``[B, D]`` each, in depth order, every
+        node its predecessor's child; request ``b`` keeps its first ``lengths[b]`` nodes."""
+        tokens, values = with_root(root_tokens, tokens, np.int64), with_root(1.0, values, np.float32)
+        draft_probs, ranks = with_root(1.0, draft_probs, np.float32), with_root(0, ranks, np.int64)
+        parents = torch.arange(-1, tokens.shape[1] - 1)
+        return [cls(tokens[row, : n + 1], parents[: n + 1], values[row, : n + 1], draft_probs[row, : n + 1], ranks[row, : n + 1])
+                for row, n in enumerate(lengths.tolist())]
 
     @property
     def is_chain(self) -> bool:
@@ -57,6 +59,15 @@ class FlatTree:
     def draft_tokens(self) -> list[int]:
         """Tokens of the non-root nodes in order: what vLLM receives as draft tokens."""
         return self.tokens[1:].tolist()
+
+
+def with_root(root_value, columns: np.ndarray, dtype) -> torch.Tensor:
+    """Per-request node columns ``[B, N]`` with the root's entry ``root_value`` (a scalar or
+    ``[B]``) in front, ``[B, N + 1]`` of ``dtype``."""
+    rows = np.empty((columns.shape[0], columns.shape[1] + 1), dtype=dtype)
+    rows[:, 0] = root_value
+    rows[:, 1:] = columns
+    return torch.from_numpy(rows)
 
 
 def check_topological(parents: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from vllm_cast.batch_rows import row_numbers
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.selection import batched_select_max_valid_index, select_max_valid_index
-from vllm_cast.tree import FlatTree
+from vllm_cast.tree import FlatTree, with_root
 
 
 @dataclass
@@ -69,6 +69,8 @@ class StepDecision:
     sample of the first-pass overhead)."""
     declined: bool = False
     """The trees were dropped: with measured overheads, plain decoding was faster."""
+    chain_step: bool = False
+    """Drafted by the chain builder (vllm_cast.chain_builder), not the tree builder."""
 
     @property
     def depth(self) -> int:
@@ -116,14 +118,13 @@ def top_children(distributions: torch.Tensor, k: int) -> tuple[np.ndarray, np.nd
     return top.values.numpy().astype(np.float64), top.indices.numpy()
 
 
-class CastTreeBuilder:
-    """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc).
-
-    The per-step arithmetic runs in numpy on ``[B, K]``-sized arrays (torch's per-op cost
-    dominates at these sizes); only the top-K over the vocabulary runs in torch."""
+class LayerRules:
+    """What CAST's tree and chain builders share: the step's cost curves in plain-step
+    units, the depth rule (C2) with its history of layer-to-layer utility ratios, and the
+    step's decision so far."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None, first_pass_cost: float = 0.0) -> None:
+                 first_pass_cost: float = 0.0) -> None:
         """``first_pass_cost``: the step's first draft pass in plain-step units (priced into
         the "auto" depth threshold's step cost)."""
         self.params = params
@@ -144,23 +145,8 @@ class CastTreeBuilder:
         node estimated at 0.93, so the "verified" expansion utility counted nothing and the
         trees of a request whose chains were accepted whole stopped at depth 1."""
         self.ratios = ratio_history if ratio_history is not None else deque([1.0], maxlen=params.ratio_buffer_size)
-        self.pool_tokens: list[np.ndarray] = []
-        self.pool_parents: list[np.ndarray] = []
-        self.pool_draft_probs: list[np.ndarray] = []
-        self.pool_depths = np.empty(self.k * (1 + max(params.max_depth - 1, 0) * self.k), dtype=np.int64)
-        """Tree depth of each pool candidate (1 = child of the root), in pool order: the first
-        ``pool_size - 1`` entries of room for every layer's ``K`` children of at most ``K``
-        frontier nodes."""
-        self.depth_steps = np.arange(1, max_nodes + 1)
-        """``[max_nodes]`` 1, 2, ...: the deepest node of the first ``n`` nodes of a chain."""
-        self.pool_value_array = np.zeros((0, 0))
-        """Values of the pool's candidates ``[B, P]``, in pool order."""
         self.breadth_cost = [0.0, *self.draft_cost[1 : self.k + 1].tolist()]
         """Draft cost of forwarding a layer of ``w`` nodes, ``K + 1`` floats (index 0: none)."""
-        self.calibrate = calibrate
-        self.pool_size = 1  # the root
-        self.frontier_values: np.ndarray | None = None
-        self.frontier: Frontier | None = None
         self.root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Layer-1 candidates: tokens and draft probabilities ``[B, K]`` (by rank)."""
         self.prev_utility = 1.0
@@ -173,6 +159,60 @@ class CastTreeBuilder:
         self.drafting_cost = first_pass_cost
         """Plain-step units of the draft passes run so far (first pass + forwarded layers)."""
         self.decision = StepDecision()
+
+    def _keeps_drafting(self, width: int, kept_utility: float) -> bool:
+        """Record a layer kept ``width`` nodes wide with batch-mean utility ``kept_utility``
+        (expected tokens) and apply depth pruning: whether another layer is drafted."""
+        self.decision.widths.append(width)
+        if self.prev_utility > 0:
+            self.ratios.append(kept_utility / self.prev_utility)
+        self.prev_utility = kept_utility
+        alpha = sum(self.ratios) / len(self.ratios)
+        self.expected_tokens += kept_utility
+        if len(self.decision.widths) >= self.params.max_depth:
+            return False
+        if alpha * kept_utility < self._depth_threshold() * self.breadth_cost[width]:
+            return False
+        self.drafting_cost += self.breadth_cost[width]
+        return True
+
+    def _depth_threshold(self) -> float:
+        """C2, or for "auto" the step's expected tokens per plain-step unit so far: the
+        draft passes run plus verifying every kept node (chain or tree curve)."""
+        if self.params.depth_threshold != "auto":
+            return float(self.params.depth_threshold)
+        widths = self.decision.widths
+        nodes = min(sum(widths), self.max_nodes)
+        verify = self.chain_target_cost if max(widths) == 1 else self.target_cost
+        return self.expected_tokens / (self.drafting_cost + float(verify[1 + nodes]))
+
+
+class CastTreeBuilder(LayerRules):
+    """One speculative step: ``start`` -> ``expand`` ... -> ``finish`` (see module doc).
+
+    The per-step arithmetic runs in numpy on ``[B, K]``-sized arrays (torch's per-op cost
+    dominates at these sizes); only the top-K over the vocabulary runs in torch."""
+
+    def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
+                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None, first_pass_cost: float = 0.0) -> None:
+        """``calibrate``: draft probabilities ``[..., K]`` -> acceptance estimates (None: the
+        probabilities themselves); other arguments as :class:`LayerRules`'."""
+        super().__init__(params, costs, max_nodes, ratio_history, first_pass_cost)
+        self.pool_tokens: list[np.ndarray] = []
+        self.pool_parents: list[np.ndarray] = []
+        self.pool_draft_probs: list[np.ndarray] = []
+        self.pool_depths = np.empty(self.k * (1 + max(params.max_depth - 1, 0) * self.k), dtype=np.int64)
+        """Tree depth of each pool candidate (1 = child of the root), in pool order: the first
+        ``pool_size - 1`` entries of room for every layer's ``K`` children of at most ``K``
+        frontier nodes."""
+        self.depth_steps = np.arange(1, max_nodes + 1)
+        """``[max_nodes]`` 1, 2, ...: the deepest node of the first ``n`` nodes of a chain."""
+        self.pool_value_array = np.zeros((0, 0))
+        """Values of the pool's candidates ``[B, P]``, in pool order."""
+        self.calibrate = calibrate
+        self.pool_size = 1  # the root
+        self.frontier_values: np.ndarray | None = None
+        self.frontier: Frontier | None = None
         self._cut: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def _child_factors(self, probs: np.ndarray) -> np.ndarray:
@@ -211,18 +251,8 @@ class CastTreeBuilder:
         else:
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
             widths = None
-        kept_utility = batch_utility[width]
-        self.decision.widths.append(width)
-        if self.prev_utility > 0:
-            self.ratios.append(kept_utility / self.prev_utility)
-        self.prev_utility = kept_utility
-        alpha = sum(self.ratios) / len(self.ratios)
-        self.expected_tokens += kept_utility
-        if len(self.decision.widths) >= self.params.max_depth:
+        if not self._keeps_drafting(width, batch_utility[width]):
             return None
-        if alpha * kept_utility < self._depth_threshold() * cost[width]:
-            return None
-        self.drafting_cost += cost[width]
         keep = order[:, :width]
         kept_values = _gather(values, keep)  # values are >= 0: a 0 is padding
         valid = kept_values > 0
@@ -234,16 +264,6 @@ class CastTreeBuilder:
         self.frontier = Frontier(tokens=_gather(tokens, keep), parent_slot=parent_slot, valid=valid,
                                  pool_index=keep + first_pool_index)
         return self.frontier
-
-    def _depth_threshold(self) -> float:
-        """C2, or for "auto" the step's expected tokens per plain-step unit so far: the
-        draft passes run plus verifying every kept node (chain or tree curve)."""
-        if self.params.depth_threshold != "auto":
-            return float(self.params.depth_threshold)
-        widths = self.decision.widths
-        nodes = min(sum(widths), self.max_nodes)
-        verify = self.chain_target_cost if max(widths) == 1 else self.target_cost
-        return self.expected_tokens / (self.drafting_cost + float(verify[1 + nodes]))
 
     def _verify_cost(self, sorted_depths: np.ndarray) -> np.ndarray:
         """Target cost of verifying the first ``n`` = 1, 2, ... nodes of each row,
@@ -339,12 +359,6 @@ class CastTreeBuilder:
         node_of_pool = np.zeros((b, candidates + 2), dtype=np.int64)  # pool index (0 = root) -> tree node
         node_of_pool[rows, chosen + 1] = np.where(kept, slot + 1, 0)
         chosen = np.minimum(chosen, candidates - 1)  # padding points at any candidate; cut below
-
-        def with_root(root_value, column: np.ndarray, dtype) -> torch.Tensor:
-            rows_with_root = np.empty((b, column.shape[1] + 1), dtype=dtype)
-            rows_with_root[:, 0] = root_value
-            rows_with_root[:, 1:] = column
-            return torch.from_numpy(rows_with_root)
 
         tree_tokens = with_root(np.asarray(root_tokens), tokens[rows, chosen], np.int64)
         tree_parents = with_root(-1, node_of_pool[rows, parents[rows, chosen]], np.int64)
