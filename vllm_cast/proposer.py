@@ -190,9 +190,8 @@ class CastProposer(EagleProposer):
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
         decision.replayed = replayed is not None
         chains = all(tree.is_chain for tree in self.last_trees)
-        if not probe and self.cast_params.decline_unprofitable and any(decision.verified) and (
-                self._measured_decline(batch, all_sampled) or not pricing.beats_plain_decoding(
-                    costs, forwarded_widths, decision.expected_accepted, max(decision.verified), chains)):
+        if not probe and self.cast_params.decline_unprofitable and any(decision.verified) and self._declines(
+                batch, all_sampled, costs, forwarded_widths, chains):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch
             decision.declined = True
@@ -318,13 +317,24 @@ class CastProposer(EagleProposer):
             return None
         return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled))
 
-    def _measured_decline(self, batch: int, all_sampled: bool) -> bool:
-        """Whether measured throughput declines this step's trees: a probed solo request's
-        own verdict, else the batch size's pooled one right after a speculating step."""
+    def _declines(self, batch: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
+                  chains: bool) -> bool:
+        """Whether this step's trees (``last_decision``) are dropped. A probed request
+        decoding alone is judged on its own measured steps alone (vllm_cast.solo_probes),
+        not also priced: the price gate declined a qa request's shallow chains (1.4 tokens
+        expected) every other step, each after its drafting was paid (greedy B=1, 32
+        tokens, one engine per process: CAST read 1.01x of vanilla with the gate, 1.06x
+        without, always speculating 1.06-1.07x). Other batches: the pooled measured verdict
+        right after a speculating step, else the price of the whole step against plain
+        decoding (``pricing.beats_plain_decoding``)."""
         solo = self._solo_slower(all_sampled)
         if solo is not None:
             return solo
-        return self._speculated_last_call and self.throughput.should_decline(batch, all_sampled)
+        if self._speculated_last_call and self.throughput.should_decline(batch, all_sampled):
+            return True
+        decision = self.last_decision
+        return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
+                                                max(decision.verified), chains)
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget per-request state of requests not in ``req_ids`` (finished or preempted)."""
