@@ -122,7 +122,7 @@ class CastChainBuilder(LayerRules):
         its earlier chain nodes, then the children; verifying past the first child verifies
         a tree (earlier layers' siblings are left out)."""
         batch = len(sorted_children)
-        means = [sum(column) / batch for column in zip(*sorted_children)]
+        means = sorted_children[0] if batch == 1 else [sum(column) / batch for column in zip(*sorted_children)]
         if self.params.expansion_utility == "layer":
             return means
         earlier = len(self.chain_utility) - 2
