@@ -3,8 +3,8 @@
 Where CAST's trees keep coming out as chains (one node per layer and request: the usual
 shape at small batch sizes on a draft head with peaked distributions), most of the tree
 builder's per-layer work only confirms it: the candidate pool, its sort and verify cut,
-the frontier's bookkeeping. On the 2-core CPU that cost 0.6 ms of a 7.7 ms step at greedy
-B=1, where vLLM's chain drafting took 6.4 ms a step for the same 4-deep chains.
+the frontier's bookkeeping. On the 2-core CPU that cost 0.66 ms of a 7.7 ms step at greedy
+B=1, where a step of vLLM's chain drafting the same 4-deep chains took 6.4 ms.
 
 :class:`CastChainBuilder` keeps each request's most valuable child per layer (its value
 the product of calibrated estimates, as in the tree builder) and applies the same depth
