@@ -39,6 +39,15 @@ with 8, 1.64 expected against 1.60 emitted there and 6.54 against 6.62 on QA and
 PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0000001])
 
 
+Outcomes = list | np.ndarray | torch.Tensor
+"""One value per recorded outcome ``[T]``."""
+
+
+def _floats_or_ints(column: Outcomes) -> list:
+    """An outcome column as a list of Python numbers."""
+    return column if isinstance(column, list) else np.asarray(column).tolist()
+
+
 @functools.cache
 def _rank_offsets(children: int, ranks: int, bins: int) -> np.ndarray:
     """``[K]`` offset of each sibling rank's row in a flattened ``[ranks, bins]`` table."""
@@ -68,10 +77,6 @@ class AcceptanceCalibrator:
         self.request_prior_strength = request_prior_strength
         self.request_records: dict[str, tuple[float, float]] = {}
         """Per request id: (first-rank children accepted, the shared table's expected count)."""
-
-    def _cells(self, probs: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rank and probability-bin cells of draft probabilities and sibling ranks."""
-        return np.minimum(ranks, self.ranks - 1), np.searchsorted(self._inner_edges, probs, side="right")
 
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft
@@ -151,36 +156,42 @@ class AcceptanceCalibrator:
         if not self.request_records.keys() <= kept:
             self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
 
-    def record(self, probs: np.ndarray, ranks: np.ndarray, accepted: np.ndarray, sampled: np.ndarray,
-               owners: np.ndarray | None = None, owner_ids: list[str] | None = None) -> None:
+    def record(self, probs: Outcomes, ranks: Outcomes, accepted: Outcomes, sampled: Outcomes,
+               owners: Outcomes | None = None, owner_ids: list[str] | None = None) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
-        verified by sampling ``[T]`` bool (numpy or CPU tensors); optionally each outcome's
-        request as an index ``[T]`` into ``owner_ids`` (adds to that request's record)."""
-        probs = np.asarray(probs, dtype=np.float64)
-        accepted = np.asarray(accepted, dtype=np.float64)
-        rank_cell, bin_cell = self._cells(probs, np.asarray(ranks))
-        flat = (np.asarray(sampled).astype(np.int64) * self.ranks + rank_cell) * self.trials.shape[2] + bin_cell
+        verified by sampling ``[T]`` bool (lists, numpy arrays or CPU tensors); optionally
+        each outcome's request as an index ``[T]`` into ``owner_ids`` (adds to that request's
+        record). In plain Python: a step records a few outcomes per request right after the
+        target forward, where numpy's first calls are slow (see :meth:`row_estimator`)."""
+        probs, ranks, accepted, sampled = (_floats_or_ints(column) for column in (probs, ranks, accepted, sampled))
+        bins, last_rank, edges = self._trials_np.shape[2], self.ranks - 1, self._inner_edges.tolist()
+        cells = [(int(mode) * self.ranks + min(rank, last_rank)) * bins + bisect.bisect_right(edges, prob)
+                 for prob, rank, mode in zip(probs, ranks, sampled)]
         if owners is not None and owner_ids is not None:
-            self._add_to_request_records(flat, probs, accepted, rank_cell == 0, np.asarray(owners), owner_ids)
-        np.add.at(self._trials_np.reshape(-1), flat, 1.0)
-        np.add.at(self._accepted_np.reshape(-1), flat, accepted)
+            self._add_to_request_records(cells, probs, accepted, ranks, _floats_or_ints(owners), owner_ids)
+        trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
+        for cell, outcome in zip(cells, accepted):
+            trials[cell] += 1.0
+            hits[cell] += float(outcome)
 
-    def _add_to_request_records(self, flat: np.ndarray, probs: np.ndarray, accepted: np.ndarray,
-                                first_rank: np.ndarray, owners: np.ndarray, owner_ids: list[str]) -> None:
-        """Add first-rank outcomes (cells ``flat``, ``[T]`` each) to their requests' records,
-        each expected as the shared table estimates it before this step's outcomes."""
-        if not first_rank.any():
-            return
-        cells = flat[first_rank]
-        expected = self._shrunk(self._accepted_np.reshape(-1)[cells], self._trials_np.reshape(-1)[cells],
-                                probs[first_rank])
-        who = owners[first_rank]
-        hits = np.bincount(who, weights=accepted[first_rank], minlength=len(owner_ids))
-        expectations = np.bincount(who, weights=expected, minlength=len(owner_ids))
-        for index in np.unique(who).tolist():
-            old_hits, old_expected = self.request_records.get(owner_ids[index], (0.0, 0.0))
-            self.request_records[owner_ids[index]] = (old_hits + hits[index], old_expected + expectations[index])
+    def _add_to_request_records(self, cells: list[int], probs: list[float], accepted: list, ranks: list[int],
+                                owners: list[int], owner_ids: list[str]) -> None:
+        """Add first-rank outcomes (table cells ``cells``, ``[T]`` like the other columns) to
+        their requests' records, each expected as the shared table estimates it before this
+        step's outcomes."""
+        trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
+        strength = self.prior_strength
+        sums: dict[int, list[float]] = {}
+        for cell, prob, outcome, rank, owner in zip(cells, probs, accepted, ranks, owners):
+            if rank == 0:
+                expected = (float(hits[cell]) + strength * prob) / (float(trials[cell]) + strength)
+                owner_sums = sums.setdefault(owner, [0.0, 0.0])
+                owner_sums[0] += float(outcome)
+                owner_sums[1] += expected
+        for owner, (owner_hits, owner_expected) in sums.items():
+            old_hits, old_expected = self.request_records.get(owner_ids[owner], (0.0, 0.0))
+            self.request_records[owner_ids[owner]] = (old_hits + owner_hits, old_expected + owner_expected)
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,

@@ -303,7 +303,8 @@ class CastRunnerMixin:
     def _record_acceptance(self) -> None:
         """Feed the drafter's calibrator with this step's outcomes, each with its request:
         every first-layer candidate drafted last step (accepted iff it is the token the
-        target drew after the root) and every deeper verified node whose parent was accepted."""
+        target drew after the root) and every deeper verified node whose parent was accepted.
+        In plain Python, like the calibrator's ``record`` (a few outcomes per request)."""
         if self._root_candidates is None:
             return
         drafted_ids, root_tokens, root_probs = self._root_candidates
@@ -313,28 +314,29 @@ class CastRunnerMixin:
                 if req_id in drafted_row and req_id not in self._undrafted and not self.discard_request_mask.np[index]]
         if not rows:
             return
-        now, before = (np.array(column) for column in zip(*rows))
-        first_tokens = np.array([self._verdicts.tokens[index][0] for index in now])
-        k = root_tokens.shape[1]
-        probs, ranks = [root_probs[before].ravel()], [np.tile(np.arange(k), len(now))]
-        accepted = [(root_tokens[before] == first_tokens[:, None]).ravel()]
-        sampled = [np.repeat(self._sampled.numpy()[now], k)]
-        owners = [np.repeat(now, k)]
-        for index in now.tolist():
+        candidate_tokens, candidate_probs, sampled = root_tokens.tolist(), root_probs.tolist(), self._sampled.tolist()
+        probs, ranks, accepted, modes, owners = [], [], [], [], []
+
+        def add(prob: float, rank: int, was_accepted: bool, index: int) -> None:
+            probs.append(prob)
+            ranks.append(rank)
+            accepted.append(was_accepted)
+            modes.append(sampled[index])
+            owners.append(index)
+
+        for index, row in rows:
+            first_token = self._verdicts.tokens[index][0]
+            for rank, (token, prob) in enumerate(zip(candidate_tokens[row], candidate_probs[row])):
+                add(prob, rank, token == first_token, index)
             tree = self._step_trees[index]
             if tree is None or tree.draft_probs is None or len(tree) <= 2:
                 continue  # no node below the first layer
-            parents = tree.parents.numpy()
-            on_path = np.zeros(len(tree), dtype=bool)
-            on_path[[0, *self._verdicts.paths[index]]] = True
-            deeper = on_path[parents[1:]] & (parents[1:] > 0)
-            probs.append(tree.draft_probs.numpy()[1:][deeper])
-            ranks.append(tree.ranks.numpy()[1:][deeper])
-            accepted.append(on_path[1:][deeper])
-            sampled.append(np.full(int(deeper.sum()), bool(self._sampled[index])))
-            owners.append(np.full(int(deeper.sum()), index))
-        self.drafter.calibrator.record(*(np.concatenate(column) for column in (probs, ranks, accepted, sampled, owners)),
-                                       owner_ids=current_ids)
+            on_path = {0, *self._verdicts.paths[index]}
+            for node, (parent, prob, rank) in enumerate(zip(tree.parents.tolist(), tree.draft_probs.tolist(),
+                                                            tree.ranks.tolist())):
+                if parent > 0 and parent in on_path:
+                    add(prob, rank, node in on_path, index)
+        self.drafter.calibrator.record(probs, ranks, accepted, modes, owners, owner_ids=current_ids)
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it
