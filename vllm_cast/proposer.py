@@ -320,18 +320,23 @@ class CastProposer(EagleProposer):
     def _declines(self, batch: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
                   chains: bool) -> bool:
         """Whether this step's trees (``last_decision``) are dropped. A probed request
-        decoding alone is judged on its own measured steps alone (vllm_cast.solo_probes),
-        not also priced: the price gate declined a qa request's shallow chains (1.4 tokens
-        expected) every other step, each after its drafting was paid (greedy B=1, 32
-        tokens, one engine per process: CAST read 1.01x of vanilla with the gate, 1.06x
-        without, always speculating 1.06-1.07x). Other batches: the pooled measured verdict
-        right after a speculating step, else the price of the whole step against plain
-        decoding (``pricing.beats_plain_decoding``)."""
+        decoding alone is judged on its own measured steps (vllm_cast.solo_probes); once
+        that verdict is formed it is not also priced: the price gate declined a qa request's
+        shallow chains (1.4 tokens expected) every other step, each after its drafting was
+        paid (greedy B=1, 32 tokens, one engine per process: CAST read 1.01x of vanilla with
+        the gate, 1.06x without, always speculating 1.06-1.07x). Until then, and for other
+        batches after the pooled measured verdict (right after a speculating step), the
+        price of the whole step against plain decoding decides
+        (``pricing.beats_plain_decoding``; without it, sampled solo requests speculated on
+        every step and plain decoding was never measured to judge them against: T=1 B=1
+        read 0.84x)."""
         solo = self._solo_slower(all_sampled)
-        if solo is not None:
-            return solo
-        if self._speculated_last_call and self.throughput.should_decline(batch, all_sampled):
+        if solo:
             return True
+        if solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled):
+            return True
+        if solo is not None and self.solo.judged(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled)):
+            return False
         decision = self.last_decision
         return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
                                                 max(decision.verified), chains)
