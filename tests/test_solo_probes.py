@@ -27,10 +27,8 @@ def test_a_solo_request_is_judged_on_its_own_probes():
     solo.record("a", False, 1, 0.010, PLAIN_RATE)  # 100 tokens/s
     assert solo.slower("a", PLAIN_RATE) is False, "one step is no verdict yet"
     assert solo.wants_probe("a", False) == (PROBE_STEPS > 1)
-    assert not solo.judged("a", PLAIN_RATE)
     _probe_and_measure(solo, "a", 1, 0.010)
     assert solo.slower("a", PLAIN_RATE), "100 tokens/s against plain decoding's 200"
-    assert solo.judged("a", PLAIN_RATE) and not solo.judged("a", None), "no verdict before plain decoding is measured"
     assert not solo.wants_probe("a", False), "a request drafts its probes once"
     _probe_and_measure(solo, "b", 7, 0.020)
     assert solo.slower("b", PLAIN_RATE) is False, "350 tokens/s: keeps speculating"

@@ -319,24 +319,19 @@ class CastProposer(EagleProposer):
 
     def _declines(self, batch: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
                   chains: bool) -> bool:
-        """Whether this step's trees (``last_decision``) are dropped. A probed request
-        decoding alone is judged on its own measured steps (vllm_cast.solo_probes); once
-        that verdict is formed it is not also priced: the price gate declined a qa request's
-        shallow chains (1.4 tokens expected) every other step, each after its drafting was
-        paid (greedy B=1, 32 tokens, one engine per process: CAST read 1.01x of vanilla with
-        the gate, 1.06x without, always speculating 1.06-1.07x). Until then, and for other
-        batches after the pooled measured verdict (right after a speculating step), the
-        price of the whole step against plain decoding decides
-        (``pricing.beats_plain_decoding``; without it, sampled solo requests speculated on
-        every step and plain decoding was never measured to judge them against: T=1 B=1
-        read 0.84x)."""
+        """Whether this step's trees (``last_decision``) are dropped: a probed request
+        decoding alone whose own steps measured slower (vllm_cast.solo_probes), other
+        batches' pooled measured verdict right after a speculating step, else the price of
+        the whole step against plain decoding (``pricing.beats_plain_decoding``). Session 21
+        tried judging a solo request on its own verdict alone once formed: greedy B=1
+        offline rose from 1.01x to 1.06x of vanilla (the gate had declined a qa request's
+        shallow chains every other step), but the OpenAI server with 4 clients fell from
+        0.92-0.95x to 0.87-0.88x (two runs each), so solo requests are priced as well."""
         solo = self._solo_slower(all_sampled)
         if solo:
             return True
         if solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled):
             return True
-        if solo is not None and self.solo.judged(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled)):
-            return False
         decision = self.last_decision
         return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
                                                 max(decision.verified), chains)

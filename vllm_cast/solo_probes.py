@@ -133,12 +133,6 @@ class SoloProbes:
         rate = self.steps.rate(req_id, min_steps=PROBE_STEPS)
         return rate is not None and plain_rate is not None and rate < plain_rate
 
-    def judged(self, req_id: str, plain_rate: float | None) -> bool:
-        """Whether a probed request's verdict (:meth:`slower`) is formed: ``PROBE_STEPS`` of
-        its speculative steps and plain decoding (``plain_rate``) are measured."""
-        return (req_id in self.probes_drafted and plain_rate is not None
-                and self.steps.rate(req_id, min_steps=PROBE_STEPS) is not None)
-
     def reprobes(self, all_sampled: bool) -> bool:
         """Whether a request of this mode measured slower waits for a re-probe (else it is
         not drafted again): some recent probed request of the mode paid."""
