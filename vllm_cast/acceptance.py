@@ -73,10 +73,18 @@ class AcceptanceCalibrator:
         self._inner_edges = PROBABILITY_EDGES.double().numpy()[1:-1]
         """Bin boundaries between the first and last bin: a probability's bin is the number
         of them at or below it (0..bins-1, no clipping needed)."""
+        self._inner_edge_list = self._inner_edges.tolist()
+        """The same boundaries as Python floats (the plain-Python paths bisect them)."""
         self._accepted_np, self._trials_np = self.accepted.numpy(), self.trials.numpy()  # views, same memory
         self.request_prior_strength = request_prior_strength
         self.request_records: dict[str, tuple[float, float]] = {}
         """Per request id: (first-rank children accepted, the shared table's expected count)."""
+
+    def _cell(self, rank: int, prob: float) -> int:
+        """The (sibling rank, probability bin) cell of one draft probability in a mode's
+        flattened ``[ranks, bins]`` table."""
+        bins = len(self._inner_edge_list) + 1
+        return min(rank, self.ranks - 1) * bins + bisect.bisect_right(self._inner_edge_list, prob)
 
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft
@@ -116,28 +124,27 @@ class AcceptanceCalibrator:
         where each numpy call on these few values costs several times its warm time (cold
         caches) and Python's float arithmetic does not."""
         modes = np.asarray(sampled).astype(np.int64)
-        bins = self._trials_np.shape[2]
         hits = self._accepted_np[modes].reshape(modes.size, -1).tolist()
         trials = self._trials_np[modes].reshape(modes.size, -1).tolist()
         factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
         factor_list = None if factors is None else factors.tolist()
-        edges, strength, last_rank = self._inner_edges.tolist(), self.prior_strength, self.ranks - 1
 
         def estimate(row: int, probs: list[float]) -> list[float]:
             row_hits, row_trials = hits[row], trials[row]
             estimates = []
             for rank, prob in enumerate(probs):
-                cell = min(rank, last_rank) * bins + bisect.bisect_right(edges, prob)
-                estimates.append((row_hits[cell] + strength * prob) / (row_trials[cell] + strength))
+                cell = self._cell(rank, prob)
+                estimates.append(self._shrunk(row_hits[cell], row_trials[cell], prob))
             if factor_list is not None:
                 estimates[0] = min(estimates[0] * factor_list[row], 1.0)
             return estimates
 
         return estimate
 
-    def _shrunk(self, hits: np.ndarray, trials: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    def _shrunk(self, hits: np.ndarray | float, trials: np.ndarray | float, probs: np.ndarray | float) -> np.ndarray | float:
         """Acceptance estimates of cells with ``hits`` of ``trials`` outcomes, shrunk towards
-        the raw draft probabilities ``probs`` by the Beta prior (same shapes)."""
+        the raw draft probabilities ``probs`` by the Beta prior (same shapes; numpy arrays or
+        Python floats)."""
         return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
     def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
@@ -165,9 +172,8 @@ class AcceptanceCalibrator:
         record). In plain Python: a step records a few outcomes per request right after the
         target forward, where numpy's first calls are slow (see :meth:`row_estimator`)."""
         probs, ranks, accepted, sampled = (_floats_or_ints(column) for column in (probs, ranks, accepted, sampled))
-        bins, last_rank, edges = self._trials_np.shape[2], self.ranks - 1, self._inner_edges.tolist()
-        cells = [(int(mode) * self.ranks + min(rank, last_rank)) * bins + bisect.bisect_right(edges, prob)
-                 for prob, rank, mode in zip(probs, ranks, sampled)]
+        cells_per_mode = self._trials_np[0].size
+        cells = [int(mode) * cells_per_mode + self._cell(rank, prob) for prob, rank, mode in zip(probs, ranks, sampled)]
         if owners is not None and owner_ids is not None:
             self._add_to_request_records(cells, probs, accepted, ranks, _floats_or_ints(owners), owner_ids)
         trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
@@ -181,11 +187,10 @@ class AcceptanceCalibrator:
         their requests' records, each expected as the shared table estimates it before this
         step's outcomes."""
         trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
-        strength = self.prior_strength
         sums: dict[int, list[float]] = {}
         for cell, prob, outcome, rank, owner in zip(cells, probs, accepted, ranks, owners):
             if rank == 0:
-                expected = (float(hits[cell]) + strength * prob) / (float(trials[cell]) + strength)
+                expected = self._shrunk(float(hits[cell]), float(trials[cell]), prob)
                 owner_sums = sums.setdefault(owner, [0.0, 0.0])
                 owner_sums[0] += float(outcome)
                 owner_sums[1] += expected
