@@ -189,7 +189,7 @@ class CastProposer(EagleProposer):
         decision = self.last_decision
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
         decision.replayed = replayed is not None
-        chains = all(tree.is_chain for tree in self.last_trees)
+        chains = probe or decision.chain_step or all(tree.is_chain for tree in self.last_trees)
         if not probe and self.cast_params.decline_unprofitable and any(decision.verified) and self._declines(
                 batch, all_sampled, costs, forwarded_widths, chains):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
