@@ -53,17 +53,30 @@ def test_probing_stops_in_a_mode_where_no_recent_probe_paid_until_resumed():
 
 def test_probes_are_as_deep_as_recent_probes_of_their_mode_were_accepted_plus_headroom():
     solo = SoloProbes()
-    assert solo.probe_depth(True, 6) == 6, "nothing known yet: as deep as allowed"
+    assert solo.probe_depth("new", True, 6) == 6, "nothing known yet: as deep as allowed"
     _probe_and_measure(solo, "rejected", 1, 0.010, sampled=True)  # no draft accepted
-    assert solo.probe_depth(True, 6) == PROBE_DEPTH_HEADROOM
-    assert solo.probe_depth(False, 6) == 6, "greedy probes are judged apart"
+    assert solo.probe_depth("new", True, 6) == PROBE_DEPTH_HEADROOM
+    assert solo.probe_depth("new", False, 6) == 6, "greedy probes are judged apart"
     _probe_and_measure(solo, "two", 3, 0.010, sampled=True)  # two drafts accepted per probe
-    assert solo.probe_depth(True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "grows with what was accepted"
-    assert solo.probe_depth(True, 3) == 3, "never past the cap"
+    assert solo.probe_depth("new", True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "grows with what was accepted"
+    assert solo.probe_depth("new", True, 3) == 3, "never past the cap"
     solo.record("two", True, 6, 0.010, PLAIN_RATE)  # a later step, no probe
-    assert solo.probe_depth(True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "only probe steps count"
+    assert solo.probe_depth("new", True, 6) == min(6, 2 + PROBE_DEPTH_HEADROOM), "only probe steps count"
     solo.resume_probing(True)
-    assert solo.probe_depth(True, 6) == 6
+    assert solo.probe_depth("new", True, 6) == 6
+
+
+def test_a_re_probe_is_as_deep_as_the_requests_own_probes_were_accepted_plus_headroom():
+    solo = SoloProbes()
+    _probe_and_measure(solo, "paying", 7, 0.020)
+    _probe_and_measure(solo, "hard", 2, 0.015)  # one draft accepted per probe: slower
+    assert solo.probe_depth("new", False, 6) == 6, "a new request goes by its mode's recent probes"
+    assert solo.probe_depth("hard", False, 6) == 1 + PROBE_DEPTH_HEADROOM, "a re-probe goes by its own"
+    _wait_until_probed(solo, "hard")
+    _probe_and_measure(solo, "hard", 5, 0.015)  # its re-probes accepted four
+    assert solo.probe_depth("hard", False, 6) == 6, "grows with what its probes accepted"
+    solo.retain(["paying"])
+    assert "hard" not in solo.request_runs, "finished requests are forgotten"
 
 
 def _wait_until_probed(solo: SoloProbes, req_id: str) -> int:
@@ -106,7 +119,7 @@ def test_a_step_that_only_drafted_joins_the_next_verified_step():
     solo.record("a", False, 1, 0.004, PLAIN_RATE)
     assert solo.slower("a", 300.0) is False, "9 tokens in 24 ms: 375 tokens/s"
     assert solo.slower("a", 400.0), "below 400 tokens/s"
-    assert solo.probe_depth(False, 8) == 6 + PROBE_DEPTH_HEADROOM, "accepted runs count the verified step's own tokens"
+    assert solo.probe_depth("new", False, 8) == 6 + PROBE_DEPTH_HEADROOM, "accepted runs count the verified step's own tokens"
 
 
 def test_finished_requests_are_forgotten():
@@ -141,7 +154,9 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
         assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)
     requests = {req_id for req_id, _, _ in probes}
     assert len(requests) == len(prompts), f"probed {len(requests)} of {len(prompts)} solo requests"
-    assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in probes), probes
+    first_probes = [probe for req_id in requests for probe in [p for p in probes if p[0] == req_id][:PROBE_STEPS]]
+    assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in first_probes), probes
+    assert all(chain for _, _, chain in probes), "re-probes are chains too"
 
 
 def test_lone_arrivals_put_drafting_off_while_bursts_follow_them():

@@ -277,14 +277,16 @@ class CastProposer(EagleProposer):
         """A probe for the one request decoding alone (vllm_cast.solo_probes), in place of
         :meth:`_draft_trees` (same arguments and results; ``costs`` are not needed): a top-1
         chain as deep as ``max_depth`` and the node budget allow (less once recent probes of
-        its mode were accepted less deep: ``SoloProbes.probe_depth``), verified whole. The depth
+        its mode, or for a re-probe the request's own, were accepted less deep:
+        ``SoloProbes.probe_depth``), verified whole. The depth
         rule's ratio history restarts at {1}: its ratios were earlier requests' (after
         MT-Bench requests they stopped a humaneval request's first trees at depth 1 although
         both of its probes were accepted whole)."""
         self.solo.drafted_probe(self.batch_req_ids[0])
         self.ratio_history.clear()
         self.ratio_history.append(1.0)
-        depth = self.solo.probe_depth(bool(sampled.all()), min(self.cast_params.max_depth, self.max_nodes))
+        depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()),
+                                     min(self.cast_params.max_depth, self.max_nodes))
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         probs, tokens = self._top_children(normed)
