@@ -26,7 +26,7 @@ accepted none, and its six-node probes cost each request ~20 ms of ~150), and on
 whole lets the next probes grow. A re-probe is as deep as the longest run the request's own
 probes had accepted, plus the same headroom: at full depth, the re-probes of a greedy
 MT-Bench request whose probes were accepted one or two tokens deep cost it 48 ms for 8
-tokens (three re-probes of three steps), where plain decoding takes 20 ms.
+tokens (two re-probes of three steps), where plain decoding takes 20 ms.
 
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
