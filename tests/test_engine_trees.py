@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import cast_stats, count_draft_rpcs, greedy_token_ids, spec_counters
+from conftest import cast_stats, count_draft_rpcs, greedy_token_ids, model_runner, spec_counters
 from scipy.stats import chi2_contingency
 from vllm import SamplingParams
 
@@ -64,6 +64,30 @@ def test_tree_greedy_equals_vanilla(vanilla_llm, cast_llm, batch_size, count):
     assert after["max_depth"] > 1, "no tree deeper than one layer"
 
 
+def test_no_tree_drafts_past_a_requests_max_tokens(vanilla_llm, cast_llm, monkeypatch):
+    """Real engine, greedy, requests of 5-13 tokens in twos: every drafting call hands back
+    at most the draft tokens each request's next step can still emit, a step after which
+    every request ends with its next token drafts nothing, and output is vanilla's."""
+    runner = model_runner(cast_llm)
+    calls: list[tuple[list[int], list[int]]] = []
+    propose = runner.propose_draft_token_ids
+
+    def recorded(*args, **kwargs):
+        budgets = runner._draft_budgets(runner.input_batch.req_ids[: runner.input_batch.num_reqs])
+        drafts = propose(*args, **kwargs)
+        calls.append((budgets, [len(tokens) for tokens in drafts]))
+        return drafts
+
+    monkeypatch.setattr(runner, "propose_draft_token_ids", recorded)
+    prompts = PROMPTS[:2]
+    for max_tokens in (5, 9, 13):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        assert _generate(cast_llm, prompts, params, 2) == _generate(vanilla_llm, prompts, params, 2), max_tokens
+    assert all(count <= budget for budgets, counts in calls for budget, count in zip(budgets, counts)), calls
+    assert any(0 < max(counts) < runner.drafter.cast_params.max_depth for _, counts in calls), "no tree was cut short"
+    assert any(not any(budgets) and not any(counts) for budgets, counts in calls), "no finishing step"
+
+
 def test_trees_accept_more_per_step_than_the_eagle3_chain(chain_llm, cast_llm):
     prompts = PROMPTS[:12]
     chain = _chain_mean_accepted_length(chain_llm, lambda: _generate(chain_llm, prompts, GREEDY, 4))
@@ -86,8 +110,11 @@ SIGNIFICANCE = 1e-3
 
 def _first_two_tokens(llm, prompt: str) -> Counter:
     # No per-request seeds: vLLM 0.32's CPU runner cannot rewind a seeded generator when a
-    # chunked prefill discards its sample ("CPU Generator does not use offset").
-    outputs = llm.generate([prompt] * SAMPLES, SamplingParams(temperature=0.6, max_tokens=2), use_tqdm=False)
+    # chunked prefill discards its sample ("CPU Generator does not use offset"). Six tokens,
+    # not two: CAST drafts no more than a request can still emit, so the first decode step's
+    # tree holds up to four nodes (with two tokens it would hold none).
+    outputs = llm.generate([prompt] * SAMPLES, SamplingParams(temperature=0.6, max_tokens=6, ignore_eos=True),
+                           use_tqdm=False)
     return Counter(tuple(o.outputs[0].token_ids[:2]) for o in outputs)
 
 

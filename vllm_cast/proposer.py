@@ -107,6 +107,9 @@ class CastProposer(EagleProposer):
         self.calibrator = AcceptanceCalibrator()
         self.cost_source: CostSource | None = None
         self.draftable: list[bool] | None = None
+        self.draft_budgets: list[int] | None = None
+        """Per batch row: the most draft tokens its next step can emit (its ``max_tokens``
+        allowing; None: no limit); set by the runner before each proposal."""
         self.sampled_rows = torch.zeros(0, dtype=torch.bool)
         """Per batch row: verified by sampling (else greedy); set by the runner."""
         self.batch_req_ids: list[str] = []
@@ -240,9 +243,13 @@ class CastProposer(EagleProposer):
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
+        caps = [min(self.max_nodes, budget) if ok else 0 for ok, budget in
+                zip(self.draftable or [True] * batch, self.draft_budgets or [self.max_nodes] * batch)]
+        deepest = max(caps)  # no request can emit a node deeper than its cap
         forwarded_widths = []
         loop_started = time.perf_counter()
-        while frontier is not None and self._fits(drafted, frontier, batch):
+        # Forwarding the frontier drafts its children, at depth len(forwarded_widths) + 2.
+        while frontier is not None and len(forwarded_widths) + 2 <= deepest and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
             normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad,
                                                        depth=builder.decision.depth)
@@ -251,8 +258,7 @@ class CastProposer(EagleProposer):
             probs, tokens = self._top_children(normed)
             frontier = builder.expand_top(probs.reshape(batch, frontier.width, -1), tokens.reshape(batch, frontier.width, -1))
         layer_seconds = time.perf_counter() - loop_started
-        caps = torch.tensor([self.max_nodes if ok else 0 for ok in (self.draftable or [True] * batch)])
-        self.last_trees = builder.finish(next_token_ids.long().cpu(), caps)
+        self.last_trees = builder.finish(next_token_ids.long().cpu(), torch.tensor(caps))
         self.last_decision = builder.decision
         self.last_decision.measured_layer_seconds = layer_seconds
         self.last_decision.chain_step = chain_step
@@ -285,8 +291,8 @@ class CastProposer(EagleProposer):
         self.solo.drafted_probe(self.batch_req_ids[0])
         self.ratio_history.clear()
         self.ratio_history.append(1.0)
-        depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()),
-                                     min(self.cast_params.max_depth, self.max_nodes))
+        deepest = min(self.cast_params.max_depth, self.max_nodes, *(self.draft_budgets or []))
+        depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()), deepest)
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         probs, tokens = self._top_children(normed)

@@ -180,7 +180,7 @@ class CastRunnerMixin:
     def _lockstep_tokens(self, batch: int) -> float:
         """This speculative step's tokens at its slowest drafted request's recent pace
         (vllm_cast.throughput.SlowestRequest; requests never drafted are left out)."""
-        emitted = [1] * batch if self._verdicts is None else [len(tokens) for tokens in self._verdicts.tokens]
+        emitted = self._emitted_by_request(batch)
         rows = [row for row, kept in enumerate(self._drafted_rows[: len(emitted)]) if kept]
         if not rows:
             return float(self._emitted_tokens)
@@ -188,6 +188,26 @@ class CastRunnerMixin:
         slowest_pace = self.drafter.throughput.slowest.lockstep_tokens([req_ids[row] for row in rows],
                                                                        [emitted[row] for row in rows])
         return batch / len(rows) * slowest_pace
+
+    def _emitted_by_request(self, batch: int) -> list[int]:
+        """Tokens each of the first ``batch`` requests emitted this step (one without drafts)."""
+        return [1] * batch if self._verdicts is None else [len(tokens) for tokens in self._verdicts.tokens]
+
+    def _draft_budgets(self, req_ids: list[str]) -> list[int] | None:
+        """Per batch row: the most draft tokens its next step can still emit, its
+        ``max_tokens`` less the tokens it has after this step and the next step's bonus
+        token (a longer tree is drafted and verified for nothing: at the end of a 20-token
+        greedy request, a 6-deep chain verified where one token was left). None under
+        async scheduling, where the requests' output counts lag the sampled tokens."""
+        if self.use_async_scheduling:
+            return None
+        budgets = []
+        for req_id, emitted in zip(req_ids, self._emitted_by_request(len(req_ids))):
+            state = self.requests[req_id]
+            max_tokens = None if state.sampling_params is None else state.sampling_params.max_tokens
+            budgets.append(self.drafter.max_nodes if max_tokens is None
+                           else max(max_tokens - len(state.output_token_ids) - emitted - 1, 0))
+        return budgets
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
@@ -402,11 +422,16 @@ class CastRunnerMixin:
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         self.drafter.batch_req_ids = req_ids
-        if self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids):
+        budgets = self._draft_budgets(req_ids)
+        finishing = budgets is not None and not any(budgets)  # every request ends with its next token
+        if finishing or self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids):
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
-        self.drafter.draftable = [plain and drafted for plain, drafted in zip(self._plain, self._drafted_rows.tolist())]
+        room = budgets or [self.drafter.max_nodes] * len(req_ids)
+        self.drafter.draftable = [plain and drafted and budget > 0 for plain, drafted, budget
+                                  in zip(self._plain, self._drafted_rows.tolist(), room)]
+        self.drafter.draft_budgets = budgets
         self.drafter.sampled_rows = self._sampled
         started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
