@@ -422,9 +422,10 @@ class CastRunnerMixin:
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         self.drafter.batch_req_ids = req_ids
-        budgets = self._draft_budgets(req_ids)
+        skipped = self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids)
+        budgets = None if skipped else self._draft_budgets(req_ids)  # dormant steps need none
         finishing = budgets is not None and not any(budgets)  # every request ends with its next token
-        if finishing or self._skip_drafting(spec_decode_metadata, aux_hidden_states, req_ids):
+        if skipped or finishing:
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
