@@ -3,9 +3,11 @@ chain steps of a real engine."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
+import pytest
 import torch
 from conftest import cast_stats, greedy_token_ids
 from core_helpers import linear_costs
@@ -22,13 +24,13 @@ PARAMS = CastParams(node_top_k=TOP_K, max_depth=LAYERS)
 COSTS = linear_costs(64, draft_slope=0.01, draft_base=0.15, target_slope=0.02)
 
 
-def _layers(rng: np.random.Generator, second_child: float | None = None) -> list[np.ndarray]:
+def _layers(rng: np.random.Generator, second_child: float | None = None, lowest_first: float = 0.9) -> list[np.ndarray]:
     """Per layer, every frontier node's top-K draft probabilities ``[B, K, K]`` (layer 1:
-    the root's, ``[B, K]``): a confident first child (0.9-0.99) and small siblings, or on
-    layer 2 two children of ``second_child`` each."""
+    the root's, ``[B, K]``): a confident first child (``lowest_first``-0.99) and small
+    siblings, or on layer 2 two children of ``second_child`` each."""
     layers = []
     for layer in range(LAYERS):
-        first = rng.uniform(0.9, 0.99, size=(BATCH, TOP_K, 1))
+        first = rng.uniform(lowest_first, 0.99, size=(BATCH, TOP_K, 1))
         siblings = np.sort(rng.uniform(0.0, 0.02, size=(BATCH, TOP_K, TOP_K - 1)), axis=2)[:, :, ::-1]
         probs = np.concatenate([first, siblings], axis=2)
         if layer == 1 and second_child is not None:
@@ -61,22 +63,24 @@ def _calibrator(rng: np.random.Generator) -> AcceptanceCalibrator:
     return calibrator
 
 
-def _builders(calibrator: AcceptanceCalibrator) -> tuple[CastTreeBuilder, CastChainBuilder]:
+def _builders(calibrator: AcceptanceCalibrator, params: CastParams = PARAMS) -> tuple[CastTreeBuilder, CastChainBuilder]:
     greedy, req_ids = np.zeros(BATCH, dtype=bool), ["a", "b", "c"]
-    tree = CastTreeBuilder(PARAMS, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3,
+    tree = CastTreeBuilder(params, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3,
                            calibrate=calibrator.estimator(greedy, req_ids))
-    chain = CastChainBuilder(PARAMS, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3,
+    chain = CastChainBuilder(params, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3,
                              calibrate_row=calibrator.row_estimator(greedy, req_ids))
     return tree, chain
 
 
-def test_chain_steps_draft_and_verify_the_chains_the_tree_builder_chose():
+@pytest.mark.parametrize("batch_utility", ["mean", "slowest"])
+def test_chain_steps_draft_and_verify_the_chains_the_tree_builder_chose(batch_utility):
     rng = np.random.default_rng(0)
     calibrator = _calibrator(rng)
+    params = dataclasses.replace(PARAMS, batch_utility=batch_utility)
     depths = set()
     for _ in range(20):
-        layers = _layers(rng)
-        tree_builder, chain_builder = _builders(calibrator)
+        layers = _layers(rng, lowest_first=0.85)
+        tree_builder, chain_builder = _builders(calibrator, params)
         trees, chains = _draft(tree_builder, layers), _draft(chain_builder, layers)
         assert max(tree_builder.decision.widths) == 1 and all(tree.is_chain for tree in trees), "confident: chains"
         assert not chain_builder.wanted_width
@@ -113,3 +117,33 @@ def test_solo_requests_decode_as_chain_steps_with_vanilla_output(vanilla_llm, de
     after = cast_stats(default_cast_llm)
     chain_steps, steps = after["chain_steps"] - before["chain_steps"], after["steps"] - before["steps"]
     assert chain_steps > 0, f"no chain step in {steps} drafting steps"
+
+
+def _two_request_layers(second_row_top: float) -> list[np.ndarray]:
+    """Layers for a batch of ``BATCH`` requests where every node's best child has draft
+    probability 0.95, except on the last row: ``second_row_top`` (siblings 0.01)."""
+    layers = []
+    for layer in range(LAYERS):
+        probs = np.full((BATCH, TOP_K, TOP_K), 0.01)
+        probs[:, :, 0] = 0.95
+        probs[-1, :, 0] = second_row_top
+        layers.append(probs[:, 0].copy() if layer == 0 else probs)
+    return layers
+
+
+def test_the_slowest_request_sets_the_depth_of_a_batch_tree():
+    """``batch_utility="slowest"``: a layer is worth to the batch what it is worth to the
+    request it helps least (they verify together); "mean" drafts deeper for the confident
+    rows. Both builders read it alike; with every row alike the two agree."""
+    depths = {}
+    for batch_utility in ("mean", "slowest"):
+        params = dataclasses.replace(PARAMS, batch_utility=batch_utility, acceptance_calibration=False)
+        for builder_type in (CastTreeBuilder, CastChainBuilder):
+            for top in (0.95, 0.6):
+                builder = builder_type(params, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3)
+                _draft(builder, _two_request_layers(top))
+                depths[batch_utility, builder_type.__name__, top] = builder.decision.depth
+    for name in ("CastTreeBuilder", "CastChainBuilder"):
+        assert depths["mean", name, 0.95] == depths["slowest", name, 0.95] == LAYERS, depths
+        assert depths["slowest", name, 0.6] < depths["mean", name, 0.6], depths
+        assert depths["slowest", name, 0.6] == depths["slowest", "CastTreeBuilder", 0.6], depths

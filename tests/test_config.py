@@ -50,6 +50,7 @@ def test_other_methods_untouched(target_dir, draft_dir):
         ({"ratio_buffer_size": True}, "ratio_buffer_size"),
         ({"profile": "sometimes"}, "profile"),
         ({"decision_scope": "global"}, "decision_scope"),
+        ({"batch_utility": "median"}, "batch_utility"),
         ({"cost_table": 5}, "cost_table"),
         ({"acceptance_calibration": "yes"}, "acceptance_calibration"),
         ({"decline_unprofitable": 1}, "decline_unprofitable"),

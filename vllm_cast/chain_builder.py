@@ -8,7 +8,8 @@ B=1, where a step of vLLM's chain drafting the same 4-deep chains took 6.4 ms.
 
 :class:`CastChainBuilder` keeps each request's most valuable child per layer (its value
 the product of calibrated estimates, as in the tree builder) and applies the same depth
-rule (C2, :class:`~vllm_cast.tree_builder.LayerRules`) and verify rule (C3, against the
+rule (C2, :class:`~vllm_cast.tree_builder.LayerRules`, the layer's utility read as the
+tree builder reads it) and verify rule (C3, against the
 causal verification curve). The breadth rule (C1) is still evaluated on every layer's
 children, counted as the tree builder counts them (those at or above each request's
 verify cut of the chain so far): where it would keep more than one child,
@@ -109,7 +110,9 @@ class CastChainBuilder(LayerRules):
             breadth_utility.append(breadth_utility[-1] + value)
         if select_max_valid_index(breadth_utility, self.breadth_cost, self.params.breadth_threshold, base=1) > 1:
             self.wanted_width = True
-        if not self._keeps_drafting(1, breadth_utility[1]):
+        slowest = self.params.batch_utility == "slowest" and counted[0] > 0
+        depth_utility = min(row[0] for row in sorted_children) if slowest else breadth_utility[1]
+        if not self._keeps_drafting(1, depth_utility):
             return None
         self._frontier.tokens[:, 0] = [row_tokens[-1] for row_tokens in self.node_tokens]
         return self._frontier

@@ -9,7 +9,9 @@ frontier width, ``K`` = ``node_top_k``.
 Node value = product of draft probabilities on the root path (EAGLE-2's confidence), or
 of their calibrated acceptance estimates when a ``calibrate`` map is given.
 Batch scope (the paper): utilities are averaged over the batch and one width per layer,
-one depth and one verify count serve the whole batch. Request scope: widths and verify
+one depth and one verify count serve the whole batch; the depth rule reads a layer's
+utility as the batch mean or, by default, as the least valued request's
+(``CastParams.batch_utility``). Request scope: widths and verify
 counts per request (the draft forward still runs at the widest request's width).
 """
 
@@ -251,7 +253,9 @@ class CastTreeBuilder(LayerRules):
         else:
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
             widths = None
-        if not self._keeps_drafting(width, batch_utility[width]):
+        slowest = self.params.batch_utility == "slowest" and not self.per_request
+        depth_utility = float(top_counted[:, :width].sum(1).min()) if slowest else batch_utility[width]
+        if not self._keeps_drafting(width, depth_utility):
             return None
         keep = order[:, :width]
         kept_values = _gather(values, keep)  # values are >= 0: a 0 is padding
