@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from vllm_cast.batch_rows import row_numbers
+from vllm_cast.batch_rows import python_list, row_numbers
 
 MIN_RATE_TRIALS = 32
 """First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
@@ -41,11 +41,6 @@ PROBABILITY_EDGES = torch.tensor([0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.00
 
 Outcomes = list | np.ndarray | torch.Tensor
 """One value per recorded outcome ``[T]``."""
-
-
-def _floats_or_ints(column: Outcomes) -> list:
-    """An outcome column as a list of Python numbers."""
-    return column if isinstance(column, list) else np.asarray(column).tolist()
 
 
 @functools.cache
@@ -171,11 +166,11 @@ class AcceptanceCalibrator:
         each outcome's request as an index ``[T]`` into ``owner_ids`` (adds to that request's
         record). In plain Python: a step records a few outcomes per request right after the
         target forward, where numpy's first calls are slow (see :meth:`row_estimator`)."""
-        probs, ranks, accepted, sampled = (_floats_or_ints(column) for column in (probs, ranks, accepted, sampled))
+        probs, ranks, accepted, sampled = (python_list(column) for column in (probs, ranks, accepted, sampled))
         cells_per_mode = self._trials_np[0].size
         cells = [int(mode) * cells_per_mode + self._cell(rank, prob) for prob, rank, mode in zip(probs, ranks, sampled)]
         if owners is not None and owner_ids is not None:
-            self._add_to_request_records(cells, probs, accepted, ranks, _floats_or_ints(owners), owner_ids)
+            self._add_to_request_records(cells, probs, accepted, ranks, python_list(owners), owner_ids)
         trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
         for cell, outcome in zip(cells, accepted):
             trials[cell] += 1.0

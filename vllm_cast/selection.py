@@ -11,17 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vllm_cast.batch_rows import python_list
+
 TIE_TOLERANCE = 1e-9
 """Relative slack so exact ties (Theorem 4.1's boundary) survive float64 rounding."""
 
 Curve = torch.Tensor | np.ndarray | list[float]
 """A 1-D (or, batched, 2-D) float curve on the CPU; numpy or plain lists are used for
 speed on the tiny per-step curves (torch's per-op overhead dominates at these sizes)."""
-
-
-def _floats(curve: Curve) -> list[float]:
-    """A 1-D curve as a list of Python floats."""
-    return curve if isinstance(curve, list) else np.asarray(curve, dtype=np.float64).tolist()
 
 
 def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: int = 0) -> int:
@@ -33,7 +30,7 @@ def select_max_valid_index(utility: Curve, cost: Curve, threshold: float, base: 
     ``u[k] - u[anchor] >= threshold * (c[k] - c[anchor])``; later steps are measured from
     the last accepted index, which makes the rule robust to locally non-concave utility.
     Returns an index in ``[base, len(utility) - 1]``."""
-    u, c = _floats(utility), _floats(cost)
+    u, c = python_list(utility, np.float64), python_list(cost, np.float64)
     slack = threshold * (1 - TIE_TOLERANCE)
     anchor = base
     u_anchor = u[base]
