@@ -127,3 +127,37 @@ def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_
         default_cast_llm.generate([prompt], params, use_tqdm=False)
     undrafted = cast_stats(default_cast_llm)["undrafted_requests"] - before
     assert undrafted >= len(prompts) // 2, f"only {undrafted} of {len(prompts)} sampled requests were undrafted"
+
+
+def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, default_cast_llm, monkeypatch):
+    """At a batch size where plain decoding was never measured, CAST first skips the draft
+    model (keeping the rows) until it has, then drafts: the first drafting step replays the
+    kept rows, and output stays vanilla's."""
+    from collections import Counter
+
+    from vllm_cast.proposer import PLAIN_FIRST_STEPS
+    from vllm_cast.step_overheads import batch_bucket
+    from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
+
+    runner = model_runner(default_cast_llm)
+    drafter = runner.drafter
+    monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())  # no batch size measured yet
+    monkeypatch.setattr(drafter, "plain_first_steps", Counter())
+    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(drafter.dormancy, "steps_left", 0)
+    answers = []
+    measures = drafter.measures_plain_first
+    monkeypatch.setattr(drafter, "measures_plain_first", lambda *args: answers.append(measures(*args)) or answers[-1])
+    replayed = []
+    replay = drafter.dormancy.replay
+    monkeypatch.setattr(drafter.dormancy, "replay", lambda *args: replayed.append(replay(*args)) or replayed[-1])
+    prompts = load_prompts("humaneval", limit=4)
+    before = cast_stats(default_cast_llm)["steps"]
+    assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
+    skipped_first = answers.index(False)
+    assert MIN_STEPS < skipped_first <= PLAIN_FIRST_STEPS, answers
+    assert not any(answers[skipped_first:]), "plain decoding was measured: no more skipping"
+    assert drafter.throughput.plain_rate(len(prompts), False) is not None
+    assert drafter.plain_first_steps[(batch_bucket(len(prompts)), False)] == skipped_first
+    assert replayed and replayed[0] is not None, "the first drafting step replays the kept rows"
+    assert cast_stats(default_cast_llm)["steps"] > before, "drafting resumed"

@@ -102,6 +102,7 @@ def test_a_drafted_prompt_does_not_draft_the_rows_of_prompts_never_drafted(vanil
     runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
     monkeypatch.setattr(runner.drafter.dormancy, "steps_left", 0)  # not dormant: the prompt step drafts
+    monkeypatch.setattr(runner.drafter, "measures_plain_first", lambda *args: False)
     first_pass_rows = _first_pass_rows(runner, monkeypatch)
     prompts = load_prompts("sum", limit=3) + load_prompts("qa", limit=1)
     params = [SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.2)] * 3 + [

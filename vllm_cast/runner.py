@@ -451,7 +451,8 @@ class CastRunnerMixin:
                        aux_hidden_states: list[torch.Tensor] | None, req_ids: list[str]) -> bool:
         """Whether this step skips all of vLLM's and CAST's drafting work: every request is
         undrafted (see ``_undraft_if_hopeless``), or nothing was drafted this step and CAST
-        is dormant (see vllm_cast.dormancy), or the batch is a lone arrival expecting company
+        is dormant (see vllm_cast.dormancy) or measures plain decoding at this batch size
+        first (``CastProposer.measures_plain_first``), or the batch is a lone arrival expecting company
         or one request waiting for its re-probe (see vllm_cast.solo_probes); then the rows
         the drafter would read are kept for the next drafting step (undrafted requests'
         rows are not)."""
@@ -471,6 +472,8 @@ class CastRunnerMixin:
                 return False
             elif self.drafter.solo_waits(self._all_sampled) and self.drafter.dormancy.fits(rows):
                 self.drafter.solo.waited_a_step(req_ids[0])
+            elif self.drafter.dormancy.fits(rows) and self.drafter.measures_plain_first(self._all_sampled):
+                pass
             elif not self.drafter.dormancy.should_skip(rows):
                 return False
             self._remember_rows(req_ids, keep, starts, lengths, aux_hidden_states)
