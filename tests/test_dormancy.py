@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from conftest import cast_stats, greedy_token_ids, model_runner
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.prompts import TASKS, load_prompts
+from vllm_cast.proposer import PLAIN_FIRST_STEPS
+from vllm_cast.step_overheads import batch_bucket
+from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
 
 BLOCK = 4
 
@@ -133,12 +138,6 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     """At a batch size where plain decoding was never measured, CAST first skips the draft
     model (keeping the rows) until it has, then drafts: the first drafting step replays the
     kept rows, and output stays vanilla's."""
-    from collections import Counter
-
-    from vllm_cast.proposer import PLAIN_FIRST_STEPS
-    from vllm_cast.step_overheads import batch_bucket
-    from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
-
     runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())  # no batch size measured yet
