@@ -110,10 +110,10 @@ class CastProposer(EagleProposer):
         self.ratio_history: deque[float] = deque([1.0], maxlen=self.cast_params.ratio_buffer_size)
         self.calibrator = AcceptanceCalibrator()
         self.cost_source: CostSource | None = None
-        self.draftable: list[bool] | None = None
-        self.draft_budgets: list[int] | None = None
-        """Per batch row: the most draft tokens its next step can emit (its ``max_tokens``
-        allowing; None: no limit); set by the runner before each proposal."""
+        self.draft_caps: list[int] | None = None
+        """Per batch row: the most draft tokens it may verify next step, at most
+        ``max_nodes`` (0: not drafted; less near its ``max_tokens``); None: every row up to
+        ``max_nodes``. Set by the runner before each proposal."""
         self.sampled_rows = torch.zeros(0, dtype=torch.bool)
         """Per batch row: verified by sampling (else greedy); set by the runner."""
         self.batch_req_ids: list[str] = []
@@ -142,6 +142,11 @@ class CastProposer(EagleProposer):
         self._draft_to_target: np.ndarray | None = None
         """The draft head's draft-to-target token offsets ``[draft vocabulary]`` (int64), read
         once its weights are loaded (None for heads without them)."""
+
+    @property
+    def draftable(self) -> list[bool] | None:
+        """Per batch row: whether it is drafted (``draft_caps`` above 0; None: every row)."""
+        return None if self.draft_caps is None else [cap > 0 for cap in self.draft_caps]
 
     def load_model(self, target_model) -> None:
         """vLLM's loading, then the draft-to-target offsets copied out for ``_top_children``."""
@@ -218,7 +223,7 @@ class CastProposer(EagleProposer):
         """Whether this step's batch is one request whose next drafting step is a probe
         (vllm_cast.solo_probes; it drafts now, dormant or not)."""
         return (len(self.batch_req_ids) == 1 and self.cast_params.decline_unprofitable
-                and (self.draftable is None or self.draftable[0])
+                and (self.draft_caps is None or self.draft_caps[0] > 0)
                 and self.solo.wants_probe(self.batch_req_ids[0], all_sampled))
 
     def measures_plain_first(self, all_sampled: bool) -> bool:
@@ -267,8 +272,7 @@ class CastProposer(EagleProposer):
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
-        caps = [min(self.max_nodes, budget) if ok else 0 for ok, budget in
-                zip(self.draftable or [True] * batch, self.draft_budgets or [self.max_nodes] * batch)]
+        caps = self.draft_caps or [self.max_nodes] * batch
         deepest = max(caps)  # no request can emit a node deeper than its cap
         forwarded_widths = []
         loop_started = time.perf_counter()
@@ -315,7 +319,7 @@ class CastProposer(EagleProposer):
         self.solo.drafted_probe(self.batch_req_ids[0])
         self.ratio_history.clear()
         self.ratio_history.append(1.0)
-        deepest = min(self.cast_params.max_depth, self.max_nodes, *(self.draft_budgets or []))
+        deepest = min(self.cast_params.max_depth, self.max_nodes, *(self.draft_caps or []))
         depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()), deepest)
         layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])

@@ -429,10 +429,9 @@ class CastRunnerMixin:
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
-        room = budgets or [self.drafter.max_nodes] * len(req_ids)
-        self.drafter.draftable = [plain and drafted and budget > 0 for plain, drafted, budget
-                                  in zip(self._plain, self._drafted_rows.tolist(), room)]
-        self.drafter.draft_budgets = budgets
+        most = self.drafter.max_nodes
+        self.drafter.draft_caps = [min(most, budget) if plain and drafted else 0 for plain, drafted, budget
+                                   in zip(self._plain, self._drafted_rows.tolist(), budgets or [most] * len(req_ids))]
         self.drafter.sampled_rows = self._sampled
         started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
