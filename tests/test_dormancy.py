@@ -96,7 +96,9 @@ def test_dormant_cast_equals_vanilla_and_skips_the_draft(vanilla_llm, default_ca
 def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, monkeypatch):
     """Speculation hopeless (forced): the batch's requests are undrafted before their prompt
     step and never get drafts, nothing is stashed, every step runs as vLLM's plain decoding
-    (no drafter call, prompt steps included), and output stays vanilla's."""
+    (no drafter call, prompt steps included, no EAGLE-3 auxiliary hidden states collected),
+    and output stays vanilla's. Once speculation may pay again, new requests are drafted
+    (the auxiliary hidden states are back) and output is still vanilla's."""
     runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
     drafting_calls = []
@@ -107,6 +109,15 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
         return propose(*args, **kwargs)
 
     monkeypatch.setattr(runner, "propose_draft_token_ids", counted_propose)
+    forward_outputs = []
+    forward = runner.model.forward
+
+    def recorded_forward(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        forward_outputs.append(isinstance(output, tuple))  # (hidden states, auxiliary hidden states)
+        return output
+
+    monkeypatch.setattr(runner.model, "forward", recorded_forward)
     prompts = load_prompts("sum", limit=8)
     before = cast_stats(default_cast_llm)
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -115,6 +126,14 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert after["verified_drafts"] == before["verified_drafts"], "an undrafted request was given drafts"
     assert runner.drafter.dormancy.stashed_rows == 0
     assert not drafting_calls, "a step of undrafted requests took the speculative path"
+    assert forward_outputs and not any(forward_outputs), "plain steps collected the draft's auxiliary hidden states"
+
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(runner.drafter, "measures_plain_first", lambda *args: False)
+    forward_outputs.clear()
+    assert greedy_token_ids(default_cast_llm, prompts[:2], 24) == greedy_token_ids(vanilla_llm, prompts[:2], 24)
+    assert cast_stats(default_cast_llm)["verified_drafts"] > after["verified_drafts"], "new requests were not drafted"
+    assert forward_outputs[0], "the first step of drafted requests had no auxiliary hidden states"
 
 
 def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):

@@ -13,16 +13,11 @@ the order vLLM would, and the engine skips the RPC for that step. An output with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
-
-
-_OUTPUT_FIELDS = tuple(field.name for field in dataclasses.fields(ModelRunnerOutput))
-"""Fields of vLLM's ``ModelRunnerOutput``, copied by :func:`with_drafts` on every step."""
 
 
 @dataclass
@@ -39,7 +34,10 @@ def with_drafts(output: Any, drafts: DraftTokenIds | None) -> Any:
     pipeline-parallel intermediates) as they are, their drafts left to vLLM's RPC."""
     if type(output) is not ModelRunnerOutput:
         return output
-    return CastModelRunnerOutput(**{name: getattr(output, name) for name in _OUTPUT_FIELDS}, draft_token_ids=drafts)
+    carrying = object.__new__(CastModelRunnerOutput)  # a field-for-field copy (no __init__ call)
+    carrying.__dict__.update(output.__dict__)
+    carrying.draft_token_ids = drafts
+    return carrying
 
 
 _DRAFTS_TAKEN = "_cast_drafts_taken"
