@@ -54,8 +54,9 @@ def _draft(builder: CastTreeBuilder | CastChainBuilder, layers: list[np.ndarray]
 
 def _calibrator(rng: np.random.Generator) -> AcceptanceCalibrator:
     """A calibrator with recorded outcomes for three requests (accepted about as often as
-    their draft probabilities say)."""
-    calibrator = AcceptanceCalibrator()
+    their draft probabilities say; their own records weighed against a prior of 8 expected
+    acceptances, so that these random outcomes leave the requests alike)."""
+    calibrator = AcceptanceCalibrator(request_prior_strength=8.0)
     for _ in range(20):
         probs = rng.random(40)
         calibrator.record(probs, rng.integers(0, TOP_K, 40), rng.random(40) < probs, np.zeros(40, dtype=bool),
