@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 from conftest import greedy_token_ids, model_runner
 
+from vllm_cast.cohorts import COHORT_WINDOW
 from vllm_cast.config import CastParams
 from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.throughput import (MIN_STEPS, REQUEST_STEPS, STALE_AFTER_PLAIN_STEPS, WINDOW_ENTRIES, MeasuredThroughput,
-                                  SlowestRequest)
+from vllm_cast.throughput import (COHORTS_TO_JUDGE, MIN_STEPS, STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES,
+                                  MeasuredThroughput)
 from vllm_cast.tree_builder import StepDecision
 
 
@@ -25,9 +26,9 @@ def test_speculation_measured_slower_than_plain_decoding_is_declined():
     throughput = MeasuredThroughput()
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
     assert not throughput.should_decline(16, False), "no speculative steps measured yet"
-    _record(throughput, 16, speculative=True, tokens=30, seconds=0.020, steps=MIN_STEPS - 1)  # 1500 tokens/s
+    _record(throughput, 16, speculative=True, tokens=30, seconds=0.040, steps=MIN_STEPS - 1)  # 750 tokens/s
     assert not throughput.should_decline(16, False), "too few speculative steps"
-    _record(throughput, 16, speculative=True, tokens=30, seconds=0.020, steps=1)
+    _record(throughput, 16, speculative=True, tokens=30, seconds=0.040, steps=1)
     assert throughput.should_decline(16, False)
     assert not throughput.should_decline(2, False), "other batch sizes are judged on their own"
     assert not throughput.should_decline(16, True), "sampled verification is judged on its own"
@@ -39,54 +40,115 @@ def test_faster_speculation_is_kept_and_recent_steps_decide():
     assert throughput.should_decline(1, False), "plain decoding unmeasured here: explore it"
     _record(throughput, 1, speculative=False, tokens=1, seconds=0.004)  # 250 tokens/s
     assert not throughput.should_decline(1, False)
-    _record(throughput, 1, speculative=True, tokens=1, seconds=0.008, steps=WINDOW_ENTRIES)  # 125 tokens/s
+    _record(throughput, 1, speculative=True, tokens=1, seconds=0.010, steps=WINDOW_ENTRIES)  # 100 tokens/s
     assert throughput.should_decline(1, False)
-    assert abs(throughput.summary()["spec_tps_b0"] - 125.0) < 1e-6, "only the recent window counts"
+    assert abs(throughput.summary()["spec_tps_b0"] - 100.0) < 1e-6, "only the recent window counts"
 
 
-def test_a_speculative_step_counts_its_slowest_request_s_pace():
-    slowest = SlowestRequest()
-    assert slowest.lockstep_tokens(["a"], [5]) == 5.0, "one request: its own tokens"
-    assert slowest.lockstep_tokens(["a", "b"], [7, 1]) == 2 * 1.0, "b emitted one token"
-    assert slowest.lockstep_tokens(["a", "b"], [5, 5]) == 2 * 3.0, "b's mean over its two steps"
-    for _ in range(REQUEST_STEPS):
-        tokens = slowest.lockstep_tokens(["a", "b"], [7, 4])
-    assert tokens == 2 * 4.0, f"only b's last {REQUEST_STEPS} steps count"
-    assert slowest.lockstep_tokens(["b", "c"], [4, 7]) == 2 * 4.0, "c is new: its one step counts"
-    assert set(slowest.windows) == {"b", "c"}, "a left the batch: forgotten"
+def test_before_its_cohorts_finish_a_bucket_calls_speculation_slower_only_when_far_slower():
+    throughput = MeasuredThroughput()
+    _record(throughput, 2, speculative=False, tokens=2, seconds=0.002)  # 1000 tokens/s
+    _record(throughput, 2, speculative=True, tokens=4, seconds=0.005)  # 800 tokens/s: a wave's first steps
+    assert not throughput.measured_slower(2, False), "slower, but not under STRONGLY_SLOWER: keep measuring"
+    _record(throughput, 2, speculative=True, tokens=2, seconds=0.005, steps=WINDOW_ENTRIES)  # 400 tokens/s
+    assert 400 < STRONGLY_SLOWER * 1000 and throughput.measured_slower(2, False)
 
 
-def test_an_engine_counts_a_batch_s_speculative_steps_at_its_slowest_request(cast_llm, monkeypatch):
-    """Real engine, greedy, one qa and one MT-Bench request decoding together: each
-    speculative step of both is counted as 2 x the lower of their mean tokens over their
-    last REQUEST_STEPS speculative steps, which falls below the tokens the step emitted
-    when the two requests' drafts run to different depths."""
+def _cohort(throughput: MeasuredThroughput, paces: dict[str, int], tokens: int, seconds: float,
+            plain_step: float) -> None:
+    """Requests (id -> tokens per step) start decoding together and speculate, each until it
+    has ``tokens`` tokens, in ``seconds`` a step; plain decoding takes ``plain_step`` a token."""
+    emitted = dict.fromkeys(paces, 0)
+    while any(count < tokens for count in emitted.values()):
+        running = [req_id for req_id, count in emitted.items() if count < tokens]
+        throughput.retain(running)
+        step = [min(paces[req_id], tokens - emitted[req_id]) for req_id in running]
+        throughput.cohorts.record_step(running, [True] * len(running), step, seconds, plain_step, speculative=True,
+                                       all_sampled=False)
+        for req_id, count in zip(running, step):
+            emitted[req_id] += count
+    throughput.retain([])
+
+
+def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough():
+    """Steps that measure speculation a little slower (a wave's start) do not decide; cohorts
+    do once COHORTS_TO_JUDGE have finished: their mean speedup, the slowest request's each."""
+    throughput = MeasuredThroughput()
+    _record(throughput, 2, speculative=False, tokens=2, seconds=0.002)  # 1000 tokens/s
+    _record(throughput, 2, speculative=True, tokens=8, seconds=0.010)  # 800 tokens/s
+    assert not throughput.measured_slower(2, False)
+    # b emits 2 of its 36 tokens a step (18 steps of 5 ms) where plain decoding takes 2 ms a
+    # token: 72 of 90 ms, a 0.8x cohort, although a was done after 6 steps.
+    _cohort(throughput, {"a": 7, "b": 2}, tokens=36, seconds=0.005, plain_step=0.002)
+    assert abs(throughput.cohorts.speedups[(1, False)][-1] - 0.8) < 1e-9
+    assert COHORTS_TO_JUDGE == 2 and not throughput.measured_slower(2, False), "one cohort is not enough"
+    _cohort(throughput, {"c": 3, "d": 3}, tokens=36, seconds=0.005, plain_step=0.002)  # 1.2x
+    assert throughput.measured_slower(2, False) is False, "mean of 0.8 and 1.2"
+    _cohort(throughput, {"e": 2, "f": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
+    assert throughput.measured_slower(2, False), "mean of 0.8, 1.2 and 0.4"
+    assert throughput.measured_slower(8, False), "larger batch sizes inherit it"
+    _record(throughput, 2, speculative=False, tokens=2, seconds=0.002, steps=STALE_AFTER_PLAIN_STEPS)
+    assert not throughput.measured_slower(2, False), "stale: the cohorts are dropped with the samples"
+
+
+def test_cohorts_that_never_speculated_are_no_evidence():
+    throughput = MeasuredThroughput()
+    throughput.cohorts.record_step(["a", "b"], [True, True], [1, 1], 0.002, 0.002, speculative=False,
+                                   all_sampled=False)
+    throughput.retain([])
+    assert not throughput.cohorts.speedups
+    throughput.cohorts.record_prompt_step(["c"], [True], [1], drafting_seconds=0.004, plain_step_seconds=0.002,
+                                          all_sampled=True)
+    throughput.cohorts.record_step(["c", "x"], [True, False], [3, 1], 0.004, 0.002, speculative=True,
+                                   all_sampled=True)
+    throughput.retain(["x"])
+    assert {key: list(window) for key, window in throughput.cohorts.speedups.items()} == {
+        (0, True): [3 * 0.002 / (0.004 + 0.004)]}, (
+        "keyed by the prompt step's batch; its draft pass delays it; x was never drafted")
+
+
+def test_an_engine_feeds_each_drafted_request_s_tokens_to_its_cohort(cast_llm, monkeypatch):
+    """Real engine, greedy, a qa and an MT-Bench request decoding together: every step of
+    theirs reaches the cohort ledger with each request's own tokens, and when both are done
+    their cohort's speedup is the largest plain-decoding time over the largest time in the
+    batch (the slowest request's)."""
     runner = model_runner(cast_llm)
-    throughput = runner.drafter.throughput
-    steps: list[tuple[float, list[int]]] = []  # (counted tokens, each request's emitted tokens)
-    record = throughput.record
+    cohorts = runner.drafter.throughput.cohorts
+    totals: dict[str, list[float]] = {}  # request -> [seconds, plain seconds, tokens]
+    record_step, record_prompt_step = cohorts.record_step, cohorts.record_prompt_step
 
-    def recorded(batch, all_sampled, speculative, tokens, seconds):
-        if speculative and batch == 2 and runner._verdicts is not None:
-            steps.append((tokens, [len(emitted) for emitted in runner._verdicts.tokens]))
-        return record(batch, all_sampled, speculative, tokens, seconds)
+    def add(req_ids, emitted, seconds, plain_step, drafted_tokens):
+        for req_id, tokens in zip(req_ids, emitted):
+            total = totals.setdefault(req_id, [0.0, 0.0, 0])
+            total[0] += seconds
+            total[1] += (tokens - (0 if drafted_tokens else 1)) * plain_step
+            total[2] += tokens
 
-    monkeypatch.setattr(throughput, "record", recorded)
+    def recorded_step(req_ids, joining, emitted, seconds, plain_step, speculative, all_sampled):
+        add(req_ids, emitted, seconds, plain_step, True)
+        return record_step(req_ids, joining, emitted, seconds, plain_step, speculative, all_sampled)
+
+    def recorded_prompt_step(req_ids, joining, emitted, drafting, plain_step, all_sampled):
+        add(req_ids, emitted, drafting, plain_step, False)
+        return record_prompt_step(req_ids, joining, emitted, drafting, plain_step, all_sampled)
+
+    monkeypatch.setattr(cohorts, "record_step", recorded_step)
+    monkeypatch.setattr(cohorts, "record_prompt_step", recorded_prompt_step)
+    before = list(cohorts.speedups.get((1, False), []))
     greedy_token_ids(cast_llm, load_prompts("qa", limit=1) + load_prompts("mt_bench", limit=1), 32)
-    assert steps, "no speculative step of the two requests together was measured"
-    history: list[list[int]] = [[], []]
-    for counted, emitted in steps:
-        for window, tokens in zip(history, emitted):
-            window[:] = (window + [tokens])[-REQUEST_STEPS:]
-        assert counted == 2 * min(sum(window) / len(window) for window in history), (counted, emitted, history)
-    assert any(counted < sum(emitted) for counted, emitted in steps), f"never below the emitted sum: {steps}"
+    runner.drafter.retain([])  # the next step's batch would close their lives
+    assert len(totals) == 2 and all(tokens == 32 for _, _, tokens in totals.values()), totals
+    after = list(cohorts.speedups[(1, False)])
+    assert len(after) == min(len(before) + 1, COHORT_WINDOW), "their cohort was not completed"
+    slowest = max(seconds for seconds, _, _ in totals.values())
+    assert abs(after[-1] - max(plain for _, plain, _ in totals.values()) / slowest) < 1e-9
 
 
 def test_drafting_new_prompts_is_charged_to_speculation():
     throughput = MeasuredThroughput()
     _record(throughput, 4, speculative=True, tokens=8, seconds=0.010)  # 800 tokens/s per decode step
-    _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)  # 667 tokens/s
-    assert not throughput.measured_slower(4, False)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.003)  # 1333 tokens/s
+    assert not throughput.measured_slower(4, False), "not under half of plain decoding's rate"
     throughput.record_prompt_drafting(4, False, seconds=0.010 * MIN_STEPS)  # the draft's pass over new prompts
     assert throughput.measured_slower(4, False), "8 tokens per 20 ms: 400 tokens/s"
     throughput.record_prompt_drafting(4, False, seconds=0.001, accepted_drafts=8 * MIN_STEPS)  # decoding rows' gains
@@ -95,7 +157,7 @@ def test_drafting_new_prompts_is_charged_to_speculation():
 
 def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     throughput = MeasuredThroughput()
-    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010)  # 600 tokens/s
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.020)  # 300 tokens/s
     assert not throughput.measured_slower(4, False), "plain decoding not measured yet"
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005)  # 800 tokens/s
     assert throughput.measured_slower(4, False)
@@ -104,9 +166,9 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=1)
     assert not throughput.measured_slower(4, False), "speculative samples this old are dropped"
-    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=MIN_STEPS - 1)
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.020, steps=MIN_STEPS - 1)
     assert not throughput.measured_slower(4, False), "speculation is measured afresh"
-    _record(throughput, 4, speculative=True, tokens=6, seconds=0.010, steps=1)
+    _record(throughput, 4, speculative=True, tokens=6, seconds=0.020, steps=1)
     assert throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005, steps=STALE_AFTER_PLAIN_STEPS)
     assert throughput.measured_slower(4, False), "confirmed slower once more: the next wait is twice as long"
@@ -121,19 +183,19 @@ def test_a_verdict_is_not_rejudged_by_plain_steps_that_follow_it():
     """Plain steps measured later (another task, a slower machine state) do not flip a slower
     verdict into exploring again; the next speculative sample forms it afresh."""
     throughput = MeasuredThroughput()
-    _record(throughput, 4, speculative=True, tokens=18, seconds=0.032)  # 562 tokens/s
+    _record(throughput, 4, speculative=True, tokens=18, seconds=0.050)  # 360 tokens/s
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.005)  # 800 tokens/s
     assert throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.008, steps=WINDOW_ENTRIES)  # 500 tokens/s
     assert throughput.measured_slower(4, False), "held against the plain steps of its time"
     assert throughput.should_decline(4, False)
-    throughput.record(4, False, True, 18, 0.032)
+    throughput.record(4, False, True, 18, 0.050)
     assert not throughput.measured_slower(4, False), "a new speculative sample is judged against plain now"
 
 
 def test_a_slower_verdict_at_a_smaller_batch_size_rules_out_larger_ones_until_stale():
     throughput = MeasuredThroughput()
-    _record(throughput, 2, speculative=True, tokens=3, seconds=0.010)  # 300 tokens/s
+    _record(throughput, 2, speculative=True, tokens=3, seconds=0.020)  # 150 tokens/s
     _record(throughput, 2, speculative=False, tokens=2, seconds=0.005)  # 400 tokens/s
     assert throughput.measured_slower(2, False)
     assert throughput.measured_slower(16, False), "larger batches inherit the slower verdict"
@@ -152,7 +214,7 @@ def test_a_faster_verdict_at_a_smaller_batch_size_is_not_inherited():
     throughput = MeasuredThroughput()
     _record(throughput, 1, speculative=True, tokens=3, seconds=0.006)  # 500 tokens/s
     _record(throughput, 1, speculative=False, tokens=1, seconds=0.004)  # 250 tokens/s
-    _record(throughput, 4, speculative=True, tokens=8, seconds=0.010, steps=MIN_STEPS + 2)  # 800 tokens/s
+    _record(throughput, 4, speculative=True, tokens=8, seconds=0.020, steps=MIN_STEPS + 2)  # 400 tokens/s
     assert not throughput.measured_slower(4, False), "unknown at 4: explore"
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.004)  # 1000 tokens/s
     assert throughput.measured_slower(4, False)
@@ -179,6 +241,6 @@ def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():
                                _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False,
                                _solo_slower=lambda all_sampled: None, awaits_solo_probe=lambda all_sampled: False)
     assert not CastProposer.speculation_hopeless(proposer, 16, 300.0, False), "priced: a chain can pay"
-    _record(throughput, 16, speculative=True, tokens=20, seconds=0.020)  # 1000 tokens/s
+    _record(throughput, 16, speculative=True, tokens=20, seconds=0.025)  # 800 tokens/s
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
     assert CastProposer.speculation_hopeless(proposer, 16, 300.0, False)

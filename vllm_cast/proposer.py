@@ -376,6 +376,7 @@ class CastProposer(EagleProposer):
         """Forget per-request state of requests not in ``req_ids`` (finished or preempted)."""
         self.calibrator.retain(req_ids)
         self.solo.retain(req_ids)
+        self.throughput.retain(req_ids)
 
     def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """Whether no chain can beat plain decoding at this batch size: speculating measured

@@ -66,6 +66,8 @@ class CastRunnerMixin:
         self._drafted_rows = np.zeros(0, dtype=bool)
         """Per batch row this step: not undrafted (bool ``[B]``, set by ``_prepare_inputs``
         after the hopeless verdict; read by drafting)."""
+        self._any_drafted = False
+        """Whether any of ``_drafted_rows`` is set."""
         self._lone_arrival = False
         """This step's batch is one request, new this step (vllm_cast.solo_probes)."""
         self._prompt_deferred = False
@@ -159,6 +161,7 @@ class CastRunnerMixin:
         if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
+        self._record_cohort_step(batch, decision, measured)
         if not self._decode_only or (self._drafts_deferred_prompt and decision is not None):
             if decision is not None:
                 self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds,
@@ -176,24 +179,31 @@ class CastRunnerMixin:
                                                    len(decision.draft_forward_tokens) - 1)
         speculative = self._verified_drafts or decision is not None
         throughput = self.drafter.throughput
-        tokens = self._lockstep_tokens(batch) if speculative else self._emitted_tokens
-        if throughput.record(batch, self._all_sampled, speculative, tokens, measured):
+        if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
             self.drafter.solo.resume_probing(self._all_sampled)
         if speculative and batch == 1:
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
                                      throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
 
-    def _lockstep_tokens(self, batch: int) -> float:
-        """This speculative step's tokens at its slowest drafted request's recent pace
-        (vllm_cast.throughput.SlowestRequest; requests never drafted are left out)."""
-        emitted = self._emitted_by_request(batch)
-        rows = [row for row, kept in enumerate(self._drafted_rows[: len(emitted)]) if kept]
-        if not rows:
-            return float(self._emitted_tokens)
-        req_ids = self.input_batch.req_ids
-        slowest_pace = self.drafter.throughput.slowest.lockstep_tokens([req_ids[row] for row in rows],
-                                                                       [emitted[row] for row in rows])
-        return batch / len(rows) * slowest_pace
+    def _record_cohort_step(self, batch: int, decision: StepDecision | None, measured: float) -> None:
+        """This step in the cohort ledger (vllm_cast.cohorts), while it has a drafted request:
+        decode-only steps with their wall time, others with their drafting time; each
+        request's tokens against plain decoding's step at this batch size and context (the
+        cost table's, with the measured plain overhead: plain steps measured at other
+        contexts, long before, read sum prompts' cohorts 10% slower than their wall time)."""
+        cohorts = self.drafter.throughput.cohorts
+        if not (cohorts.lives or self._any_drafted):
+            return
+        plain_step = self.drafter.overheads.adjust(
+            batch, self.drafter.cost_source(batch, self._mean_context(batch))).plain_step_seconds
+        req_ids = self.input_batch.req_ids[:batch]
+        joining, emitted = self._drafted_rows.tolist(), self._emitted_by_request(batch)
+        if self._decode_only:
+            cohorts.record_step(req_ids, joining, emitted, measured, plain_step,
+                                self._verified_drafts or decision is not None, self._all_sampled)
+        else:
+            drafting = 0.0 if decision is None else self._drafting_seconds
+            cohorts.record_prompt_step(req_ids, joining, emitted, drafting, plain_step, self._all_sampled)
 
     def _emitted_by_request(self, batch: int) -> list[int]:
         """Tokens each of the first ``batch`` requests emitted this step (one without drafts)."""
@@ -247,12 +257,13 @@ class CastRunnerMixin:
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         drafted = [req_id not in self._undrafted for req_id in req_ids] if self._undrafted else [True] * len(req_ids)
         self._drafted_rows = np.array(drafted, dtype=bool)
-        any_drafted = any(drafted)
+        self._any_drafted = any_drafted = any(drafted)
         speculative = True
         if not any_drafted or self._undraft_if_hopeless(req_ids, self._drafted_rows, num_scheduled_tokens):
             if any_drafted:
                 self.drafter.dormancy.forget()  # every request is undrafted now
                 self._drafted_rows[:] = False
+                self._any_drafted = False
             if self._spec_tokens == 0 and not self.use_async_scheduling:
                 speculative = False
                 self.speculative_config = None  # back in sample_tokens

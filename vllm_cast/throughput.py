@@ -10,7 +10,8 @@ first pass, which plain decoding never pays and short requests feel most) to spe
 crediting the drafts that step's decoding requests accepted.
 Per batch-size bucket and verification mode (greedy / all sampled) the tokens and seconds of
 the recent entries are pooled into tokens per second and compared; while speculating
-measures slower than plain decoding, the proposer declines its
+measures slower than plain decoding (judged on whole requests once it can be, below), the
+proposer declines its
 trees and stays dormant (probing on the dormancy back-off, which keeps the speculative
 samples fresh). When only speculating steps have been measured at a batch size, it also
 declines once they are enough: the dormant stretch that follows measures plain decoding.
@@ -36,15 +37,14 @@ size moves through several buckets, and exploring each one drafted new prompts i
 bucket). When such a bucket goes stale, the smaller buckets' speculative samples are dropped
 too, so that evidence is measured afresh as well.
 
-A speculative step of several requests counts the tokens its slowest request emits, not the
-sum: ``B`` times the lowest of the batch's per-request means over their last
-``REQUEST_STEPS`` speculative steps. Requests started together are done when the slowest is,
-and a deep tree that lifts the batch's tokens per second can still slow its least predictable
-request below plain decoding's one token a step (greedy, 32 tokens, four requests at once:
-MT-Bench speculated at 960 against plain decoding's 761 tokens/s pooled, and the four were
-done in 268 ms against vanilla's 156 ms, three of them after six steps and the fourth
-decoding alone for twenty more). Counted this way, speculation has to speed up every request
-of the batch, which is what "never slower than plain decoding" asks of each of them.
+A bucket's verdict rests on whole requests once ``COHORTS_TO_JUDGE`` cohorts that
+speculated there have finished (vllm_cast.cohorts): speculating is slower while the mean
+speedup of its recent cohorts is below 1. Until then the steps decide, and only against
+speculation that measures under ``STRONGLY_SLOWER`` of plain decoding: a wave's first steps
+read speculation far slower than it ends up (vllm_cast.cohorts), and a "slower" verdict
+from them held for the rest of the batch size (greedy B=2, 64 tokens: the first MT-Bench
+wave, 0.86x with every tree verified, kept eleven later waves plain, nine of which
+speculation ran 1.3-1.5x faster).
 
 A request decoding alone is judged on its own probes instead (vllm_cast.solo_probes); its
 steps still add to the batch-size-1 bucket, whose verdict rules the larger buckets and the
@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable
 
+from vllm_cast.cohorts import CohortLedger
 from vllm_cast.step_overheads import RecentWindows, batch_bucket
 
 WINDOW_ENTRIES = 32
@@ -76,9 +77,15 @@ at B=16 where speculation never pays)."""
 
 LONGEST_STALE_AFTER = 16 * STALE_AFTER_PLAIN_STEPS
 
-REQUEST_STEPS = 8
-"""Recent speculative steps per request whose emitted tokens are averaged to find the
-batch's slowest request."""
+COHORTS_TO_JUDGE = 2
+"""Completed cohorts that speculated a bucket needs before its verdict rests on them: one
+wave is too few (greedy B=2: MT-Bench's first wave 0.86x, its second 1.32x)."""
+
+STRONGLY_SLOWER = 0.5
+"""Before a bucket has ``COHORTS_TO_JUDGE`` cohorts, speculating is slower only when its steps
+measure under this share of plain decoding's tokens per second (sampled B=2 waves, 64
+tokens, read 0.16-0.63 over their first steps where they ended 0.49-0.67x; greedy waves
+that ended faster read 0.54 and up)."""
 
 
 class RecentTotals(RecentWindows):
@@ -96,24 +103,6 @@ class RecentTotals(RecentWindows):
         return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
 
 
-class SlowestRequest(RecentWindows):
-    """Per request in the batch, the tokens it emitted on its last ``REQUEST_STEPS``
-    speculative steps; a step's tokens counted at the slowest request's pace (module doc)."""
-
-    def __init__(self) -> None:
-        super().__init__(REQUEST_STEPS)
-
-    def lockstep_tokens(self, req_ids: list[str], emitted: list[int]) -> float:
-        """A speculative step's tokens as ``len(req_ids)`` times the lowest per-request
-        mean, after adding each request's ``emitted`` tokens ``[B]`` (requests not in
-        ``req_ids`` are forgotten)."""
-        for req_id in self.windows.keys() - set(req_ids):
-            self.forget(req_id)
-        for req_id, tokens in zip(req_ids, emitted):
-            self.add(req_id, tokens)
-        return len(req_ids) * min(sum(window) / len(window) for window in self.windows.values())
-
-
 class MeasuredThroughput:
     """Tokens per second of speculative and plain decoding (see module doc) per (bucket,
     mode, kind), pooled over each one's last ``WINDOW_ENTRIES`` entries, compared once both
@@ -121,7 +110,7 @@ class MeasuredThroughput:
 
     def __init__(self) -> None:
         self.rates = RecentTotals()
-        self.slowest = SlowestRequest()
+        self.cohorts = CohortLedger()
         self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
         self.stale_after: dict[tuple[int, bool], int] = {}
         """Per (bucket, mode): plain steps until its speculative samples go stale."""
@@ -146,10 +135,11 @@ class MeasuredThroughput:
             for smaller_or_same in range(key[0] + 1):
                 self.rates.forget((smaller_or_same, all_sampled, True))
                 self.verdicts.pop((smaller_or_same, all_sampled), None)
+                self.cohorts.forget((smaller_or_same, all_sampled))
             self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
             since = 0
         self.plain_steps_since_speculative[key] = since
-        self._reset_wait_if_paying(batch_size, all_sampled)
+        self._reset_wait_if_paying(key)
         return went_stale
 
     def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float,
@@ -160,19 +150,24 @@ class MeasuredThroughput:
         beyond plain decoding's one token per request) credited."""
         if seconds > 0:
             self._add_speculative((accepted_drafts, seconds), batch_bucket(batch_size), all_sampled)
-            self._reset_wait_if_paying(batch_size, all_sampled)
+            self._reset_wait_if_paying((batch_bucket(batch_size), all_sampled))
 
     def _add_speculative(self, entry: tuple[float, float], bucket: int, all_sampled: bool) -> None:
         """A speculative (tokens, seconds) entry; the bucket's verdict is formed afresh."""
         self.rates.add((bucket, all_sampled, True), entry)
         self.verdicts.pop((bucket, all_sampled), None)
 
-    def _reset_wait_if_paying(self, batch_size: int, all_sampled: bool) -> None:
+    def _reset_wait_if_paying(self, key: tuple[int, bool]) -> None:
         """Back to the shortest stale wait once speculating measures no slower than plain
-        decoding at this batch size and mode."""
-        key = (batch_bucket(batch_size), all_sampled)
+        decoding at this (bucket, mode)."""
         if key in self.stale_after and self._slower(*key) is False:
             del self.stale_after[key]
+
+    def retain(self, req_ids: list[str]) -> None:
+        """Requests not in ``req_ids`` finished (or were preempted): cohorts they complete
+        add their speedups (vllm_cast.cohorts)."""
+        for key in self.cohorts.retain(req_ids):
+            self._reset_wait_if_paying(key)
 
     def plain_rate(self, batch_size: int, all_sampled: bool) -> float | None:
         """Plain decoding's tokens per second at this batch size's bucket and mode (None:
@@ -180,10 +175,15 @@ class MeasuredThroughput:
         return self.rates.rate((batch_bucket(batch_size), all_sampled, False))
 
     def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
-        """The bucket's own verdict: whether speculating measured slower than plain decoding
-        (None until both kinds are measured there; then held until the next speculative
+        """The bucket's own verdict: whether speculating measured slower than plain decoding:
+        its recent cohorts' mean speedup below 1 once it has ``COHORTS_TO_JUDGE`` of them,
+        else its speculative steps under ``STRONGLY_SLOWER`` of plain decoding's rate (None
+        until both kinds of steps are measured there; then held until the next speculative
         sample, see module doc)."""
         key = (bucket, all_sampled)
+        speedup = self.cohorts.mean_speedup(key, COHORTS_TO_JUDGE)
+        if speedup is not None:
+            return speedup < 1.0
         if key not in self.verdicts:
             # Speculative first: on plain steps where nothing speculated (every plain step
             # asks, via _reset_wait_if_paying) the plain window is then never summed.
@@ -191,7 +191,7 @@ class MeasuredThroughput:
             plain = None if speculative is None else self.rates.rate((bucket, all_sampled, False))
             if plain is None:
                 return None
-            self.verdicts[key] = speculative < plain
+            self.verdicts[key] = speculative < STRONGLY_SLOWER * plain
         return self.verdicts[key]
 
     def should_decline(self, batch_size: int, all_sampled: bool) -> bool:

@@ -1,0 +1,122 @@
+"""Speculation judged on whole requests: each cohort's wave speedup, measured when its last
+request finishes.
+
+Requests that start decoding together (an offline batch's wave; under a server, the one or
+few requests that arrive together) form a cohort. A cohort is done when its last request
+is: speculation pays for it only if that request finishes sooner than plain decoding would
+have finished it. Per request the ledger adds up, over the steps it is in the batch, the
+seconds those steps took (and the draft's passes over prompts on steps that were not
+decode-only) and the seconds plain decoding would have taken to emit the same tokens (one
+token per plain step at the step's batch size). A cohort's speedup is the ratio of the
+largest of each: its slowest request's.
+
+Judging on early steps failed: measured over a wave's first 4-8 speculative steps, at its
+slowest request's pace, speculation read 0.32-0.90 of plain decoding on waves where it was
+1.26-1.50x faster in the end (greedy B=2, 64 tokens: the draft's pass over the new
+prompts, the requests' first trees drafted before their own acceptance was known, and a
+slow start of one request that caught up later); counted pooled over the batch instead,
+B=4 waves read 1.1-1.4x where they ended 0.74-0.86x (three requests done early, the fourth
+decoding on)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vllm_cast.step_overheads import batch_bucket
+
+COHORT_WINDOW = 8
+"""Completed cohorts per (bucket, mode) whose speedups are averaged."""
+
+
+@dataclass
+class _Cohort:
+    key: tuple[int, bool]
+    """(batch-size bucket, all sampled) of the step the cohort started decoding in."""
+    running: int
+    """Members not finished yet."""
+    speculated: bool = False
+    slowest_seconds: float = 0.0
+    """Largest seconds in the batch of a finished member."""
+    slowest_plain_seconds: float = 0.0
+    """Largest plain-decoding seconds of a finished member's tokens."""
+
+
+@dataclass
+class _Life:
+    cohort: _Cohort
+    seconds: float = 0.0
+    plain_seconds: float = 0.0
+
+
+@dataclass
+class CohortLedger:
+    """Per drafted request, its seconds in the batch against plain decoding's for its
+    tokens; per (bucket, mode), the speedups of the last ``COHORT_WINDOW`` completed
+    cohorts that speculated (see module doc)."""
+
+    lives: dict[str, _Life] = field(default_factory=dict)
+    speedups: dict[tuple[int, bool], deque] = field(default_factory=dict)
+
+    def record_step(self, req_ids: list[str], joining: list[bool], emitted: list[int], seconds: float,
+                    plain_step_seconds: float, speculative: bool, all_sampled: bool) -> None:
+        """One decode-only step of the batch ``req_ids`` ``[B]``: each request's ``emitted``
+        tokens ``[B]`` in ``seconds``, against ``plain_step_seconds`` per token; requests
+        not in the ledger whose ``joining`` flag ``[B]`` is set (drafted ones) start a cohort
+        together, keyed by this batch's size."""
+        self._join(req_ids, joining, all_sampled)
+        for req_id, tokens in zip(req_ids, emitted):
+            life = self.lives.get(req_id)
+            if life is not None:
+                life.seconds += seconds
+                life.plain_seconds += tokens * plain_step_seconds
+                life.cohort.speculated |= speculative
+
+    def record_prompt_step(self, req_ids: list[str], joining: list[bool], emitted: list[int], drafting_seconds: float,
+                           plain_step_seconds: float, all_sampled: bool) -> None:
+        """A step that was not decode-only (new prompts): its draft passes, ``drafting_seconds``,
+        delay every request in it; the draft tokens the decoding ones accepted (``emitted``
+        less one each) are what plain decoding would have needed extra steps for. Arguments
+        as :meth:`record_step`'s."""
+        self._join(req_ids, joining, all_sampled)
+        for req_id, tokens in zip(req_ids, emitted):
+            life = self.lives.get(req_id)
+            if life is not None:
+                life.seconds += drafting_seconds
+                life.plain_seconds += (tokens - 1) * plain_step_seconds
+                life.cohort.speculated |= drafting_seconds > 0
+
+    def _join(self, req_ids: list[str], joining: list[bool], all_sampled: bool) -> None:
+        """Start one cohort of the joining requests not in the ledger yet."""
+        new = [req_id for req_id, joins in zip(req_ids, joining) if joins and req_id not in self.lives]
+        if new:
+            cohort = _Cohort(key=(batch_bucket(len(req_ids)), all_sampled), running=len(new))
+            self.lives.update((req_id, _Life(cohort)) for req_id in new)
+
+    def retain(self, req_ids: list[str]) -> list[tuple[int, bool]]:
+        """Close the lives of requests not in ``req_ids`` (finished or preempted); returns the
+        keys of cohorts completed by it that speculated (their speedups are added)."""
+        kept = set(req_ids)
+        completed = []
+        for req_id in [req_id for req_id in self.lives if req_id not in kept]:
+            life = self.lives.pop(req_id)
+            cohort = life.cohort
+            cohort.slowest_seconds = max(cohort.slowest_seconds, life.seconds)
+            cohort.slowest_plain_seconds = max(cohort.slowest_plain_seconds, life.plain_seconds)
+            cohort.running -= 1
+            if cohort.running == 0 and cohort.speculated and cohort.slowest_seconds > 0:
+                window = self.speedups.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW))
+                window.append(cohort.slowest_plain_seconds / cohort.slowest_seconds)
+                completed.append(cohort.key)
+        return completed
+
+    def mean_speedup(self, key: tuple[int, bool], fewest: int) -> float | None:
+        """Mean speedup of the bucket's recent completed cohorts (None: fewer than ``fewest``)."""
+        window = self.speedups.get(key)
+        if not window or len(window) < fewest:
+            return None
+        return sum(window) / len(window)
+
+    def forget(self, key: tuple[int, bool]) -> None:
+        """Drop a bucket's completed cohorts (their evidence went stale)."""
+        self.speedups.pop(key, None)
