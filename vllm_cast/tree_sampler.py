@@ -25,8 +25,7 @@ from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-from vllm_cast.tree import FlatTree
-from vllm_cast.verify import verify_greedy
+from vllm_cast.verify import walk_matches
 
 PLACEHOLDER_TOKEN_ID = -1
 GREEDY_EPS = 1e-5
@@ -82,8 +81,12 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
     starts = [0]
     for n in num_drafts:
         starts.append(starts[-1] + n + 1)
-    first_rows = torch.tensor(starts[:-1], device=logits.device)
-    first_draws = sampler(logits[first_rows], replace(metadata, max_num_logprobs=None)).sampled_token_ids[:, 0].tolist()
+    first_draws = None
+    if metadata.all_greedy:
+        drawn_rows = logits.argmax(-1).tolist()  # every request's draws at once (see _node_tokens)
+    if not metadata.all_greedy or not all(n and is_plain for n, is_plain in zip(num_drafts, plain)):
+        first_rows = torch.tensor(starts[:-1], device=logits.device)
+        first_draws = sampler(logits[first_rows], replace(metadata, max_num_logprobs=None)).sampled_token_ids[:, 0].tolist()
     draft_ids = spec.draft_token_ids.tolist()
     verdicts = TreeVerdicts(paths=[], tokens=[])
     for r, n in enumerate(num_drafts):
@@ -94,15 +97,14 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
         offset = starts[r] - r  # draft tokens are packed without roots
         tokens = [-1] + draft_ids[offset : offset + n]
         tree_parents = parents[r] or list(range(-1, n))
-        drawn = _node_tokens(logits[starts[r] : starts[r + 1]], r, metadata)
-        tree = FlatTree(torch.tensor(tokens), torch.tensor(tree_parents), torch.ones(n + 1))
-        verdict = verify_greedy(tree, drawn)  # the walk is the same for argmax and sampled draws
+        drawn = (drawn_rows[starts[r] : starts[r + 1]] if metadata.all_greedy
+                 else _node_tokens(logits[starts[r] : starts[r + 1]], r, metadata).tolist())
+        verdict = walk_matches(tokens, tree_parents, drawn)  # the walk is the same for argmax and sampled draws
         verdicts.paths.append(verdict.accepted)
         verdicts.tokens.append(verdict.tokens)
     width = 1 + max(num_drafts)
-    sampled = torch.full((len(num_drafts), width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
-    for r, emitted in enumerate(verdicts.tokens):
-        sampled[r, : len(emitted)] = torch.tensor(emitted, dtype=torch.int32)
+    sampled = torch.tensor([emitted + [PLACEHOLDER_TOKEN_ID] * (width - len(emitted)) for emitted in verdicts.tokens],
+                           dtype=torch.int32)
     logprobs = None
     if metadata.max_num_logprobs is not None:
         logprobs = _emitted_logprobs(logits, starts, verdicts, width, metadata.max_num_logprobs, sampler)

@@ -31,10 +31,11 @@ class Verdict:
     tokens: list[int]
 
 
-def children_lists(parents: torch.Tensor) -> list[list[int]]:
+def children_lists(parents: torch.Tensor | list[int]) -> list[list[int]]:
     """Children of every node in node order."""
-    children: list[list[int]] = [[] for _ in range(parents.numel())]
-    for node, parent in enumerate(parents.tolist()):
+    parent_list = parents.tolist() if isinstance(parents, torch.Tensor) else parents
+    children: list[list[int]] = [[] for _ in parent_list]
+    for node, parent in enumerate(parent_list):
         if parent >= 0:
             children[parent].append(node)
     return children
@@ -43,17 +44,21 @@ def children_lists(parents: torch.Tensor) -> list[list[int]]:
 def verify_greedy(tree: FlatTree, target_argmax: torch.Tensor) -> Verdict:
     """target_argmax ``[N]``: the target's token after each node (its argmax; or, for
     sampling by drawing at every node, its draw there). Accept while a child matches."""
-    children = children_lists(tree.parents)
-    tokens = tree.tokens.tolist()
-    argmax = target_argmax.tolist()
+    return walk_matches(tree.tokens.tolist(), tree.parents.tolist(), target_argmax.tolist())
+
+
+def walk_matches(tokens: list[int], parents: list[int], drawn: list[int]) -> Verdict:
+    """:func:`verify_greedy` on plain lists (``N`` node tokens, parents and the target's
+    token after each node): the verification loop's per-request walk, without tensors."""
+    children = children_lists(parents)
     node, accepted = 0, []
     while True:
-        nxt = next((c for c in children[node] if tokens[c] == argmax[node]), None)
+        nxt = next((c for c in children[node] if tokens[c] == drawn[node]), None)
         if nxt is None:
             break
         accepted.append(nxt)
         node = nxt
-    return Verdict(accepted, [tokens[i] for i in accepted] + [argmax[node]])
+    return Verdict(accepted, [tokens[i] for i in accepted] + [drawn[node]])
 
 
 def verify_sampling(tree: FlatTree, target_probs: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
