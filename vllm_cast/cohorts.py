@@ -65,12 +65,7 @@ class CohortLedger:
         not in the ledger whose ``joining`` flag ``[B]`` is set (drafted ones) start a cohort
         together, keyed by this batch's size."""
         self._join(req_ids, joining, all_sampled)
-        for req_id, tokens in zip(req_ids, emitted):
-            life = self.lives.get(req_id)
-            if life is not None:
-                life.seconds += seconds
-                life.plain_seconds += tokens * plain_step_seconds
-                life.cohort.speculated |= speculative
+        self._charge(req_ids, emitted, seconds, plain_step_seconds, speculative)
 
     def record_prompt_step(self, req_ids: list[str], joining: list[bool], emitted: list[int], drafting_seconds: float,
                            plain_step_seconds: float, all_sampled: bool) -> None:
@@ -79,12 +74,19 @@ class CohortLedger:
         less one each) are what plain decoding would have needed extra steps for. Arguments
         as :meth:`record_step`'s."""
         self._join(req_ids, joining, all_sampled)
-        for req_id, tokens in zip(req_ids, emitted):
+        self._charge(req_ids, [tokens - 1 for tokens in emitted], drafting_seconds, plain_step_seconds,
+                     drafting_seconds > 0)
+
+    def _charge(self, req_ids: list[str], plain_tokens: list[int], seconds: float, plain_step_seconds: float,
+                speculative: bool) -> None:
+        """Add ``seconds`` to each tracked request's time in the batch and its
+        ``plain_tokens`` ``[B]`` at ``plain_step_seconds`` each to its plain-decoding time."""
+        for req_id, tokens in zip(req_ids, plain_tokens):
             life = self.lives.get(req_id)
             if life is not None:
-                life.seconds += drafting_seconds
-                life.plain_seconds += (tokens - 1) * plain_step_seconds
-                life.cohort.speculated |= drafting_seconds > 0
+                life.seconds += seconds
+                life.plain_seconds += tokens * plain_step_seconds
+                life.cohort.speculated |= speculative
 
     def _join(self, req_ids: list[str], joining: list[bool], all_sampled: bool) -> None:
         """Start one cohort of the joining requests not in the ledger yet."""

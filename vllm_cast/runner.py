@@ -66,8 +66,6 @@ class CastRunnerMixin:
         self._drafted_rows = np.zeros(0, dtype=bool)
         """Per batch row this step: not undrafted (bool ``[B]``, set by ``_prepare_inputs``
         after the hopeless verdict; read by drafting)."""
-        self._any_drafted = False
-        """Whether any of ``_drafted_rows`` is set."""
         self._lone_arrival = False
         """This step's batch is one request, new this step (vllm_cast.solo_probes)."""
         self._prompt_deferred = False
@@ -192,12 +190,13 @@ class CastRunnerMixin:
         cost table's, with the measured plain overhead: plain steps measured at other
         contexts, long before, read sum prompts' cohorts 10% slower than their wall time)."""
         cohorts = self.drafter.throughput.cohorts
-        if not (cohorts.lives or self._any_drafted):
+        joining = self._drafted_rows.tolist()  # in Python: numpy's any() is slow right after a forward
+        if not (cohorts.lives or any(joining)):
             return
         plain_step = self.drafter.overheads.adjust(
             batch, self.drafter.cost_source(batch, self._mean_context(batch))).plain_step_seconds
         req_ids = self.input_batch.req_ids[:batch]
-        joining, emitted = self._drafted_rows.tolist(), self._emitted_by_request(batch)
+        emitted = self._emitted_by_request(batch)
         if self._decode_only:
             cohorts.record_step(req_ids, joining, emitted, measured, plain_step,
                                 self._verified_drafts or decision is not None, self._all_sampled)
@@ -257,13 +256,12 @@ class CastRunnerMixin:
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         drafted = [req_id not in self._undrafted for req_id in req_ids] if self._undrafted else [True] * len(req_ids)
         self._drafted_rows = np.array(drafted, dtype=bool)
-        self._any_drafted = any_drafted = any(drafted)
+        any_drafted = any(drafted)
         speculative = True
         if not any_drafted or self._undraft_if_hopeless(req_ids, self._drafted_rows, num_scheduled_tokens):
             if any_drafted:
                 self.drafter.dormancy.forget()  # every request is undrafted now
                 self._drafted_rows[:] = False
-                self._any_drafted = False
             if self._spec_tokens == 0 and not self.use_async_scheduling:
                 speculative = False
                 self.speculative_config = None  # back in sample_tokens

@@ -81,10 +81,10 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
     starts = [0]
     for n in num_drafts:
         starts.append(starts[-1] + n + 1)
-    first_draws = None
-    if metadata.all_greedy:
-        drawn_rows = logits.argmax(-1).tolist()  # every request's draws at once (see _node_tokens)
-    if not metadata.all_greedy or not all(n and is_plain for n, is_plain in zip(num_drafts, plain)):
+    # Greedy: every request's draws at once (see _node_tokens).
+    drawn_rows = logits.argmax(-1).tolist() if metadata.all_greedy else None
+    first_draws = None  # vLLM's draw at each request's first row: for requests taking no drafts
+    if drawn_rows is None or any(n == 0 or not is_plain for n, is_plain in zip(num_drafts, plain)):
         first_rows = torch.tensor(starts[:-1], device=logits.device)
         first_draws = sampler(logits[first_rows], replace(metadata, max_num_logprobs=None)).sampled_token_ids[:, 0].tolist()
     draft_ids = spec.draft_token_ids.tolist()
@@ -97,7 +97,7 @@ def verify_trees(logits: torch.Tensor, spec: SpecDecodeMetadata, parents: list[l
         offset = starts[r] - r  # draft tokens are packed without roots
         tokens = [-1] + draft_ids[offset : offset + n]
         tree_parents = parents[r] or list(range(-1, n))
-        drawn = (drawn_rows[starts[r] : starts[r + 1]] if metadata.all_greedy
+        drawn = (drawn_rows[starts[r] : starts[r + 1]] if drawn_rows is not None
                  else _node_tokens(logits[starts[r] : starts[r + 1]], r, metadata).tolist())
         verdict = walk_matches(tokens, tree_parents, drawn)  # the walk is the same for argmax and sampled draws
         verdicts.paths.append(verdict.accepted)

@@ -31,11 +31,10 @@ class Verdict:
     tokens: list[int]
 
 
-def children_lists(parents: torch.Tensor | list[int]) -> list[list[int]]:
+def children_lists(parents: list[int]) -> list[list[int]]:
     """Children of every node in node order."""
-    parent_list = parents.tolist() if isinstance(parents, torch.Tensor) else parents
-    children: list[list[int]] = [[] for _ in parent_list]
-    for node, parent in enumerate(parent_list):
+    children: list[list[int]] = [[] for _ in parents]
+    for node, parent in enumerate(parents):
         if parent >= 0:
             children[parent].append(node)
     return children
@@ -64,7 +63,7 @@ def walk_matches(tokens: list[int], parents: list[int], drawn: list[int]) -> Ver
 def verify_sampling(tree: FlatTree, target_probs: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
     """target_probs ``[N, V]``: the target's (processed) sampling distribution after each
     node. Recursive rejection over siblings with a residual sample (module doc)."""
-    children = children_lists(tree.parents)
+    children = children_lists(tree.parents.tolist())
     tokens = tree.tokens.tolist()
     node, accepted = 0, []
     while True:
