@@ -23,6 +23,7 @@ from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from vllm_cast.arrivals import ArrivalForecast
 from vllm_cast.attention.cpu_kv_layout import move_tokens
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
 from vllm_cast.cost_model import profile_table
@@ -66,6 +67,10 @@ class CastRunnerMixin:
         self._drafted_rows = np.zeros(0, dtype=bool)
         """Per batch row this step: not undrafted (bool ``[B]``, set by ``_prepare_inputs``
         after the hopeless verdict; read by drafting)."""
+        self._arrivals = ArrivalForecast()
+        self._arriving = False
+        """Requests are arriving this step: their prompts are not fully computed (see
+        vllm_cast.arrivals)."""
         self._lone_arrival = False
         """This step's batch is one request, new this step (vllm_cast.solo_probes)."""
         self._prompt_deferred = False
@@ -254,6 +259,9 @@ class CastRunnerMixin:
         # spec-decode metadata, no drafter call), under synchronous scheduling (vLLM's async
         # path hands sampled tokens to the drafter's next step).
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        self._arriving = self._arrivals.step(
+            (request.req_id for request in scheduler_output.scheduled_new_reqs), len(req_ids),
+            self.input_batch.req_id_to_index, self.input_batch.num_computed_tokens_cpu, self.input_batch.num_prompt_tokens)
         drafted = [req_id not in self._undrafted for req_id in req_ids] if self._undrafted else [True] * len(req_ids)
         self._drafted_rows = np.array(drafted, dtype=bool)
         any_drafted = any(drafted)
@@ -287,8 +295,8 @@ class CastRunnerMixin:
         object.__setattr__(self._aux_holder, "aux_hidden_state_layers", self._aux_layers if collect else ())
 
     def _undraft_if_hopeless(self, req_ids: list[str], drafted: np.ndarray, num_scheduled_tokens: np.ndarray) -> bool:
-        """Before every step: while no chain could pay for itself at this batch size
-        (``speculation_hopeless``) the ``drafted`` requests (bool ``[B]``: not undrafted yet,
+        """Before every step: while no chain could pay for itself at this batch size (see
+        below for arriving requests; ``speculation_hopeless``) the ``drafted`` requests (bool ``[B]``: not undrafted yet,
         at least one) become undrafted: they never speculate again and the draft model never
         reads their rows again (drafts scheduled already are still verified; requests
         arriving once speculation may pay again are drafted, and the rows of undrafted ones
@@ -297,7 +305,12 @@ class CastRunnerMixin:
         # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
         context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
         self.drafter.batch_req_ids = req_ids
-        if not self.drafter.speculation_hopeless(len(req_ids), context, self._all_sampled):
+        # A lone arrival whose rows the stash can hold is judged once company comes, if it
+        # does (vllm_cast.solo_probes); other arriving requests at the batch size they will
+        # decode at (vllm_cast.arrivals).
+        deferrable = self._lone_arrival and self.drafter.dormancy.fits(int(num_scheduled_tokens[0]))
+        batch_size = len(req_ids) if deferrable else self._arrivals.judged_batch_size(len(req_ids), self._arriving)
+        if not self.drafter.speculation_hopeless(batch_size, context, self._all_sampled):
             return False
         self._undraft(req_ids, drafted)
         return True

@@ -1,0 +1,76 @@
+"""Judging arriving requests at the batch size they will decode at (vllm_cast.arrivals)."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import greedy_token_ids, model_runner
+
+from vllm_cast.arrivals import RECENT_ARRIVALS, ArrivalForecast
+from vllm_cast.prompts import load_prompts
+
+
+def _step(forecast: ArrivalForecast, new: list[str], rows: dict[str, tuple[int, int]]) -> bool:
+    """One step of the requests in ``rows`` (request id -> (computed, prompt tokens))."""
+    index_of = {req_id: index for index, req_id in enumerate(rows)}
+    computed, prompt = (np.array([pair[i] for pair in rows.values()]) for i in (0, 1))
+    return forecast.step(new, len(rows), index_of, computed, prompt)
+
+
+def test_a_wave_arriving_over_several_steps_is_judged_at_its_decoding_batch_size():
+    forecast = ArrivalForecast()
+    assert _step(forecast, ["a", "b"], {"a": (0, 100), "b": (0, 100)})
+    assert forecast.judged_batch_size(2, arriving=True) == 2, "no arrivals decoded yet: the step's own size"
+    assert _step(forecast, ["c"], {"a": (100, 100), "b": (64, 100), "c": (0, 100)})
+    assert not forecast.decode_batch_sizes, "kept before the whole wave decodes"
+    assert not _step(forecast, [], {"a": (101, 100), "b": (100, 100), "c": (100, 100)})
+    assert list(forecast.decode_batch_sizes) == [3]
+
+    assert _step(forecast, ["d"], {"d": (0, 100)})
+    assert forecast.judged_batch_size(1, arriving=True) == 3
+    assert forecast.judged_batch_size(1, arriving=False) == 1, "steps without arrivals are judged as they are"
+    assert forecast.judged_batch_size(5, arriving=True) == 5, "never below the step's own size"
+
+
+def test_the_forecast_follows_a_smaller_arrival_at_once_and_drops_requests_that_left():
+    forecast = ArrivalForecast()
+    for _ in range(RECENT_ARRIVALS):
+        forecast.decode_batch_sizes.append(8)
+    assert _step(forecast, ["lone"], {"lone": (0, 10)})
+    assert not _step(forecast, [], {"lone": (10, 10)})
+    assert forecast.judged_batch_size(1, arriving=True) == 1
+
+    assert _step(forecast, ["gone"], {"gone": (0, 10)})
+    assert not _step(forecast, [], {}), "a request that left before decoding is no longer arriving"
+
+
+def test_a_chunked_wave_is_undrafted_before_the_draft_reads_its_prompts(vanilla_llm, default_cast_llm, monkeypatch):
+    """Long prompts (sum) arrive over several 4096-token steps. With speculation hopeless
+    from batch size 8 only (forced), the second wave of 8 is judged at 8 from its first
+    step, holding 2-3 requests: the draft never runs on its prompts and output is vanilla's."""
+    runner = model_runner(default_cast_llm)
+    monkeypatch.setattr(runner, "_arrivals", ArrivalForecast())  # earlier tests' lone arrivals decoded alone
+    judged_sizes = []
+
+    def hopeless_from_eight(batch_size: int, context: float, all_sampled: bool) -> bool:
+        judged_sizes.append(batch_size)
+        return batch_size >= 8
+
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", hopeless_from_eight)
+    prompts = load_prompts("sum", limit=16)
+    first_wave, second_wave = prompts[:8], prompts[8:]  # other prompts: no prefix cache hits
+    assert greedy_token_ids(default_cast_llm, first_wave, 16) == greedy_token_ids(vanilla_llm, first_wave, 16)
+    assert judged_sizes[0] < 8, "the first wave's first step held the whole wave: nothing is tested"
+
+    first_passes = []
+    first_pass = runner.drafter._first_pass
+    monkeypatch.setattr(runner.drafter, "_first_pass", lambda *args: first_passes.append(args[0].shape[0])
+                        or first_pass(*args))
+    judged_sizes.clear()
+    steps = []
+    prepare = runner._prepare_inputs
+    monkeypatch.setattr(runner, "_prepare_inputs", lambda output, scheduled: steps.append(len(scheduled))
+                        or prepare(output, scheduled))
+    assert greedy_token_ids(default_cast_llm, second_wave, 16) == greedy_token_ids(vanilla_llm, second_wave, 16)
+    assert steps[0] < 8, "the second wave's first step held the whole wave: nothing is tested"
+    assert judged_sizes and min(judged_sizes) == 8
+    assert not first_passes, f"the draft read {sum(first_passes)} prompt rows of an undrafted wave"
