@@ -11,7 +11,7 @@ from vllm_cast.config import CastParams
 from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.throughput import (COHORTS_TO_JUDGE, MIN_STEPS, STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES,
+from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, MIN_STEPS, STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES,
                                   MeasuredThroughput)
 from vllm_cast.tree_builder import StepDecision
 
@@ -77,18 +77,26 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
     _record(throughput, 2, speculative=False, tokens=2, seconds=0.002)  # 1000 tokens/s
     _record(throughput, 2, speculative=True, tokens=8, seconds=0.010)  # 800 tokens/s
     assert not throughput.measured_slower(2, False)
-    # b emits 2 of its 36 tokens a step (18 steps of 5 ms) where plain decoding takes 2 ms a
-    # token: 72 of 90 ms, a 0.8x cohort, although a was done after 6 steps.
-    _cohort(throughput, {"a": 7, "b": 2}, tokens=36, seconds=0.005, plain_step=0.002)
-    assert abs(throughput.cohorts.speedups[(1, False)][-1] - 0.8) < 1e-9
-    assert COHORTS_TO_JUDGE == 2 and not throughput.measured_slower(2, False), "one cohort is not enough"
+    # b emits 2 of its 36 tokens a step (18 steps of 4.5 ms) where plain decoding takes 2 ms
+    # a token: 72 of 81 ms, a 0.89x cohort, although a was done after 6 steps.
+    _cohort(throughput, {"a": 7, "b": 2}, tokens=36, seconds=0.0045, plain_step=0.002)
+    assert abs(throughput.cohorts.speedups[(1, False)][-1] - 72 / 81) < 1e-9
+    assert COHORTS_TO_JUDGE == 2 and 72 / 81 > CLEARLY_SLOWER
+    assert not throughput.measured_slower(2, False), "one cohort not clearly slower is not enough"
     _cohort(throughput, {"c": 3, "d": 3}, tokens=36, seconds=0.005, plain_step=0.002)  # 1.2x
-    assert throughput.measured_slower(2, False) is False, "mean of 0.8 and 1.2"
+    assert throughput.measured_slower(2, False) is False, "mean of 0.89 and 1.2"
     _cohort(throughput, {"e": 2, "f": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
-    assert throughput.measured_slower(2, False), "mean of 0.8, 1.2 and 0.4"
+    assert throughput.measured_slower(2, False), "mean of 0.89, 1.2 and 0.4"
     assert throughput.measured_slower(8, False), "larger batch sizes inherit it"
     _record(throughput, 2, speculative=False, tokens=2, seconds=0.002, steps=STALE_AFTER_PLAIN_STEPS)
     assert not throughput.measured_slower(2, False), "stale: the cohorts are dropped with the samples"
+
+
+def test_a_first_cohort_clearly_slower_decides_alone():
+    throughput = MeasuredThroughput()
+    _cohort(throughput, {"a": 2, "b": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
+    assert 0.4 < CLEARLY_SLOWER and throughput.measured_slower(4, False)
+    assert not throughput.measured_slower(1, False), "smaller batch sizes do not inherit it"
 
 
 def test_cohorts_that_never_speculated_are_no_evidence():
