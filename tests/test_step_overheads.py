@@ -6,7 +6,8 @@ import torch
 
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
-from vllm_cast.step_overheads import MIN_SAMPLES, RESOLUTION_SECONDS, StepOverheads, batch_bucket
+from vllm_cast.step_overheads import (MIN_SAMPLES, REFRESH_SAMPLES, RESOLUTION_SECONDS, WINDOW, RecentMedians,
+                                      StepOverheads, batch_bucket)
 from vllm_cast.tree_builder import CastTreeBuilder
 
 
@@ -19,6 +20,20 @@ def _costs(chain_slope: float, tree_slope: float = 0.3) -> StepCosts:
 
 def test_buckets_are_powers_of_two():
     assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_a_full_window_s_median_is_refreshed_every_few_samples():
+    medians = RecentMedians()
+    for sample in range(WINDOW - 1):
+        medians.add("b", float(sample))
+        assert medians.median("b", min_samples=1) == (sample / 2), "a filling window is recomputed on every sample"
+    medians.add("b", WINDOW - 1.0)
+    full = medians.median("b")
+    for _ in range(REFRESH_SAMPLES - 1):
+        medians.add("b", 1e3)
+        assert medians.median("b") == full, "held between refreshes"
+    medians.add("b", 1e3)
+    assert medians.median("b") > full
 
 
 def test_overheads_apply_after_enough_samples_as_a_robust_median():

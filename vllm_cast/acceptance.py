@@ -116,24 +116,24 @@ class AcceptanceCalibrator:
 
         return estimate
 
-    def row_estimator(self, sampled: np.ndarray, req_ids: list[str] | None = None) -> Callable[[int, list[float]], list[float]]:
+    def row_estimator(self, sampled: Outcomes, req_ids: list[str] | None = None) -> Callable[[int, list[float]], list[float]]:
         """:meth:`estimator` in plain Python, one request's siblings at a time: ``(batch row,
-        draft probabilities of sibling ranks 0, 1, ... as floats) -> their estimates``. The
-        chain builder calls it once per request and layer right after a draft forward,
-        where each numpy call on these few values costs several times its warm time (cold
-        caches) and Python's float arithmetic does not."""
-        modes = np.asarray(sampled).astype(np.int64)
-        hits = self._accepted_np[modes].reshape(modes.size, -1).tolist()
-        trials = self._trials_np[modes].reshape(modes.size, -1).tolist()
-        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
+        draft probabilities of sibling ranks 0, 1, ... as floats) -> their estimates``
+        (``sampled`` ``[B]``: bools as a list, array or CPU tensor). The chain builder calls
+        it once per request and layer right after a draft forward, where each numpy call on
+        these few values costs several times its warm time (cold caches) and Python's float
+        arithmetic does not."""
+        sampled = python_list(sampled)
+        tables = [(self._accepted_np[mode].ravel().tolist(), self._trials_np[mode].ravel().tolist())
+                  for mode in range(self.MODES)]
+        row_tables = [tables[int(flag)] for flag in sampled]
+        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == len(sampled) else None
         factor_list = None if factors is None else factors.tolist()
 
         def estimate(row: int, probs: list[float]) -> list[float]:
-            row_hits, row_trials = hits[row], trials[row]
-            estimates = []
-            for rank, prob in enumerate(probs):
-                cell = self._cell(rank, prob)
-                estimates.append(self._shrunk(row_hits[cell], row_trials[cell], prob))
+            row_hits, row_trials = row_tables[row]
+            estimates = [self._shrunk(row_hits[cell], row_trials[cell], prob)
+                         for cell, prob in zip(map(self._cell, range(len(probs)), probs), probs)]
             if factor_list is not None:
                 estimates[0] = min(estimates[0] * factor_list[row], 1.0)
             return estimates

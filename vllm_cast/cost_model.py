@@ -115,6 +115,17 @@ class StepCosts:
                      for curve in (self.draft_ratio(), self.target_ratio(), self.chain_target_ratio()))
 
     @functools.cached_property
+    def added_verify_units(self) -> dict[bool, np.ndarray]:
+        """Target cost, in plain-step units, of verifying ``n`` = 1, 2, ... nodes beyond the
+        root, ``[n_max]`` float64, for trees (False) and chains (True), without the fixed
+        ``verification_overhead`` (computed once per costs object; see
+        :class:`~vllm_cast.tree_builder.LayerRules`)."""
+        _, target, chain_target = self.unit_curves
+        fixed = self.verification_overhead / self.plain_step_seconds
+        return {chain: np.maximum(curve[2:] - curve[1] - fixed, 0.0) for chain, curve in ((False, target),
+                                                                                          (True, chain_target))}
+
+    @functools.cached_property
     def seconds(self) -> SecondsCurves:
         """The curves in seconds as float64 numpy arrays (computed once per costs object:
         pricing reads single entries several times a step, which costs a torch op each)."""

@@ -12,6 +12,7 @@ to vLLM flattened in topological order as the request's draft tokens."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -97,6 +98,27 @@ class _LayerSlots:
         table = block_table.cpu().numpy()
         block_ids = table[row_numbers(positions.size), np.minimum(logical // block_size, table.shape[1] - 1)]
         return cls(positions, (positions + 1).astype(np.int32), block_ids.astype(np.int64) * block_size + logical % block_size)
+
+
+class _LayerInputs:
+    """What a step's draft layers after the first pass need, built when the first of them
+    is forwarded (a step drafting depth-1 chains forwards none; building both took ~60 us
+    of a 5 ms greedy B=4 step): the nodes' KV slots (:class:`_LayerSlots`) and attention
+    metadata (the first pass's, rewritten per layer)."""
+
+    def __init__(self, root_positions: torch.Tensor, cad: CommonAttentionMetadata, block_size: int,
+                 nodes: int) -> None:
+        self._root_positions, self._first_pass_cad = root_positions, cad
+        self._block_size, self._nodes = block_size, nodes
+
+    @functools.cached_property
+    def slots(self) -> _LayerSlots:
+        return _LayerSlots.of(self._root_positions, self._first_pass_cad.block_table_tensor, self._block_size,
+                              self._nodes)
+
+    @functools.cached_property
+    def cad(self) -> CommonAttentionMetadata:
+        return dataclasses.replace(self._first_pass_cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
 
 
 class CastProposer(EagleProposer):
@@ -191,15 +213,15 @@ class CastProposer(EagleProposer):
         all_sampled = bool(sampled.all())
         if num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower(all_sampled):
             return [[] for _ in range(batch)]
-        layer_slots = _LayerSlots.of(self.positions[sample_rows], cad.block_table_tensor, self.block_size,
-                                     self.max_nodes)
+        root_positions = self.positions[sample_rows]
+        layer_inputs = _LayerInputs(root_positions, cad, self.block_size, self.max_nodes)
         # Context the next verification attends over, in tokens, averaged over the batch.
-        context = float(layer_slots.root_positions.mean()) + 2
+        context = sum(root_positions.tolist()) / batch + 2
         table_costs = self.cost_source(batch, context)
         costs = self.overheads.adjust(batch, table_costs)
         probe = self.awaits_solo_probe(all_sampled)
         draft = self._draft_probe if probe else self._draft_trees
-        forwarded_widths = draft(normed, hidden, cad, layer_slots, next_token_ids, sampled, costs, first_pass_rows)
+        forwarded_widths = draft(normed, hidden, layer_inputs, next_token_ids, sampled, costs, first_pass_rows)
         decision = self.last_decision
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
         decision.replayed = replayed is not None
@@ -249,8 +271,8 @@ class CastProposer(EagleProposer):
         for its re-probe (vllm_cast.solo_probes): its rows are kept, the draft does not run."""
         return bool(self._solo_slower(all_sampled)) and self.solo.reprobes(all_sampled)
 
-    def _draft_trees(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
-                     layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
+    def _draft_trees(self, normed: torch.Tensor, hidden: torch.Tensor, layer_inputs: _LayerInputs,
+                     next_token_ids: torch.Tensor, sampled: torch.Tensor,
                      costs: StepCosts, first_pass_rows: float) -> list[int]:
         """CAST's trees for the batch from the first pass's normed/pre-norm hidden states
         ``[B, H]`` (vllm_cast.tree_builder); sets ``last_trees``, ``last_decision`` (with the
@@ -263,7 +285,7 @@ class CastProposer(EagleProposer):
         if chain_step:
             builder = CastChainBuilder(
                 self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
-                calibrate_row=self.calibrator.row_estimator(sampled.numpy(), self.batch_req_ids) if calibrated else None)
+                calibrate_row=self.calibrator.row_estimator(sampled, self.batch_req_ids) if calibrated else None)
         else:
             builder = CastTreeBuilder(
                 self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
@@ -271,7 +293,6 @@ class CastProposer(EagleProposer):
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
-        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         caps = self.draft_caps or [self.max_nodes] * batch
         deepest = max(caps)  # no request can emit a node deeper than its cap
         forwarded_widths = []
@@ -279,8 +300,7 @@ class CastProposer(EagleProposer):
         # Forwarding the frontier drafts its children, at depth len(forwarded_widths) + 2.
         while frontier is not None and len(forwarded_widths) + 2 <= deepest and self._fits(drafted, frontier, batch):
             forwarded_widths.append(frontier.width)
-            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad,
-                                                       depth=builder.decision.depth)
+            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_inputs, depth=builder.decision.depth)
             drafted.offset = drafted.count - frontier.width
             drafted.hidden = layer_hidden.view(batch, frontier.width, -1)
             probs, tokens = self._top_children(normed)
@@ -305,8 +325,8 @@ class CastProposer(EagleProposer):
         else:
             self.chain_steps_left = 0
 
-    def _draft_probe(self, normed: torch.Tensor, hidden: torch.Tensor, cad: CommonAttentionMetadata,
-                     layer_slots: _LayerSlots, next_token_ids: torch.Tensor, sampled: torch.Tensor,
+    def _draft_probe(self, normed: torch.Tensor, hidden: torch.Tensor, layer_inputs: _LayerInputs,
+                     next_token_ids: torch.Tensor, sampled: torch.Tensor,
                      costs: StepCosts, first_pass_rows: float) -> list[int]:
         """A probe for the one request decoding alone (vllm_cast.solo_probes), in place of
         :meth:`_draft_trees` (same arguments and results; ``costs`` are not needed): a top-1
@@ -321,7 +341,6 @@ class CastProposer(EagleProposer):
         self.ratio_history.append(1.0)
         deepest = min(self.cast_params.max_depth, self.max_nodes, *(self.draft_caps or []))
         depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()), deepest)
-        layer_cad = dataclasses.replace(cad, positions=None, seq_lens_cpu_upper_bound=None, causal=True)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         probs, tokens = self._top_children(normed)
         self.last_root_candidates = (tokens, probs)
@@ -330,7 +349,7 @@ class CastProposer(EagleProposer):
         for layer in range(1, depth):
             frontier = Frontier(tokens=tokens[:, :1], parent_slot=np.full((1, 1), -1 if layer == 1 else 0),
                                 valid=np.ones((1, 1), dtype=bool), pool_index=np.full((1, 1), layer))
-            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_slots, layer_cad, depth=layer)
+            normed, layer_hidden = self._forward_layer(frontier, drafted, layer_inputs, depth=layer)
             drafted.offset, drafted.hidden = drafted.count - 1, layer_hidden.view(1, 1, -1)
             probs, tokens = self._top_children(normed)
             chain_probs.append(probs[0, 0])
@@ -451,12 +470,13 @@ class CastProposer(EagleProposer):
             normed, hidden = self.model(**model_kwargs)
         return normed[sample_rows], hidden[sample_rows], cad, sample_rows
 
-    def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, layer_slots: _LayerSlots,
-                       layer_cad: CommonAttentionMetadata, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_layer(self, frontier: Frontier, drafted: _DraftedNodes, layer_inputs: _LayerInputs,
+                       depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one frontier ``[B, W]`` through the draft model under its tree mask (causally
-        while the nodes form a chain); updates ``drafted``'s count and ancestors and
-        ``layer_cad`` (this step's attention metadata for tree layers, rewritten per layer as
-        vLLM's chain loop does). Returns normed and pre-norm hidden states ``[B * W, H]``."""
+        while the nodes form a chain); updates ``drafted``'s count and ancestors and the
+        layers' attention metadata (``layer_inputs.cad``, rewritten per layer as vLLM's chain
+        loop does). Returns normed and pre-norm hidden states ``[B * W, H]``."""
+        layer_slots, layer_cad = layer_inputs.slots, layer_inputs.cad
         batch, width = frontier.tokens.shape
         before = drafted.count
         plan = None

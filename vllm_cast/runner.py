@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm_cast.arrivals import ArrivalForecast
 from vllm_cast.attention.cpu_kv_layout import move_tokens
 from vllm_cast.attention.tree_plan import TreePlan, TreeRequest, active_plan
-from vllm_cast.cost_model import profile_table
+from vllm_cast.cost_model import StepCosts, profile_table
 from vllm_cast.cost_tables import cost_source, resolve_table, table_key
 from vllm_cast.draft_delivery import with_drafts
 from vllm_cast.engine_profiler import ForwardTimers, grids
@@ -164,7 +164,14 @@ class CastRunnerMixin:
         if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
-        self._record_cohort_step(batch, decision, measured)
+        table: list[StepCosts] = []
+
+        def plain_costs() -> StepCosts:  # looked up once a step, when needed (functools.cache cost 14 us)
+            if not table:
+                table.append(self.drafter.cost_source(batch, self._mean_context(batch)))
+            return table[0]
+
+        self._record_cohort_step(batch, decision, measured, plain_costs)
         if not self._decode_only or (self._drafts_deferred_prompt and decision is not None):
             if decision is not None:
                 self.drafter.throughput.record_prompt_drafting(batch, self._all_sampled, self._drafting_seconds,
@@ -173,7 +180,7 @@ class CastRunnerMixin:
         if self._first_run_of_a_shape(decision):
             return
         if predicted_verify is None:
-            predicted_verify = self.drafter.cost_source(batch, self._mean_context(batch)).plain_step_seconds
+            predicted_verify = plain_costs().plain_step_seconds
         drafting = 0.0 if decision is None else self._drafting_seconds
         self.drafter.overheads.record_step(batch, measured - drafting, predicted_verify, self._verified_drafts)
         if decision is not None and not decision.replayed:
@@ -188,18 +195,20 @@ class CastRunnerMixin:
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
                                      throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
 
-    def _record_cohort_step(self, batch: int, decision: StepDecision | None, measured: float) -> None:
+    def _record_cohort_step(self, batch: int, decision: StepDecision | None, measured: float,
+                            plain_costs: Callable[[], StepCosts]) -> None:
         """This step in the cohort ledger (vllm_cast.cohorts), while it has a drafted request:
         decode-only steps with their wall time, others with their drafting time; each
         request's tokens against plain decoding's step at this batch size and context (the
         cost table's, with the measured plain overhead: plain steps measured at other
-        contexts, long before, read sum prompts' cohorts 10% slower than their wall time)."""
+        contexts, long before, read sum prompts' cohorts 10% slower than their wall time;
+        ``plain_costs`` gives the table's costs at this batch size and context, computed once
+        a step)."""
         cohorts = self.drafter.throughput.cohorts
         joining = self._drafted_rows.tolist()  # in Python: numpy's any() is slow right after a forward
         if not (cohorts.lives or any(joining)):
             return
-        plain_step = self.drafter.overheads.adjust(
-            batch, self.drafter.cost_source(batch, self._mean_context(batch))).plain_step_seconds
+        plain_step = self.drafter.overheads.plain_step_seconds(batch, plain_costs())
         req_ids = self.input_batch.req_ids[:batch]
         emitted = self._emitted_by_request(batch)
         if self._decode_only:
@@ -303,7 +312,9 @@ class CastRunnerMixin:
         are kept out of their first pass: vllm_cast.first_pass_rows). Returns whether every
         request of the batch is undrafted now."""
         # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
-        context = float((self.input_batch.num_computed_tokens_cpu[: len(req_ids)] + num_scheduled_tokens).mean())
+        # In Python: numpy's first calls right after a forward are slow (29 us here at B=4).
+        context = (sum(self.input_batch.num_computed_tokens_cpu[: len(req_ids)].tolist())
+                   + sum(num_scheduled_tokens.tolist())) / len(req_ids)
         self.drafter.batch_req_ids = req_ids
         # A lone arrival whose rows the stash can hold is judged once company comes, if it
         # does (vllm_cast.solo_probes); other arriving requests at the batch size they will

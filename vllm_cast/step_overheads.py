@@ -39,6 +39,8 @@ from vllm_cast.cost_model import StepCosts
 
 WINDOW = 16
 """Recent samples per bucket whose median is used (robust to one-off slow steps)."""
+REFRESH_SAMPLES = 4
+"""New samples after which a full window's median is recomputed."""
 MIN_SAMPLES = 4
 """Samples a bucket needs before its overhead is used (before that: the nearest smaller
 bucket's, else 0, optimistic)."""
@@ -71,16 +73,25 @@ class RecentWindows:
 
 
 class RecentMedians(RecentWindows):
-    """The median of each key's last ``WINDOW`` samples: the robust running estimate."""
+    """The median of each key's last ``WINDOW`` samples: the robust running estimate,
+    recomputed once a full window has had ``REFRESH_SAMPLES`` new samples (every step adds
+    three, and recomputing their medians on each took ~10 us of a speculative step)."""
 
     def __init__(self) -> None:
         super().__init__(WINDOW)
         self._medians: dict[Hashable, float] = {}
-        """Per key, the median of its window as last computed (dropped when the window changes)."""
+        """Per key, the median of its window as last computed (dropped to be recomputed)."""
+        self._added: dict[Hashable, int] = {}
+        """Per key, samples added since its median was dropped."""
 
     def add(self, key: Hashable, entry) -> None:
+        filling = len(self.windows.get(key, ())) < WINDOW
         super().add(key, entry)
-        self._medians.pop(key, None)
+        added = self._added.get(key, 0) + 1
+        if filling or added >= REFRESH_SAMPLES:
+            self._medians.pop(key, None)
+            added = 0
+        self._added[key] = added
 
     def forget(self, key: Hashable) -> None:
         super().forget(key)
@@ -144,6 +155,12 @@ class StepOverheads:
         self.first_pass.add(bucket, measured - measured_layers - predicted_first_pass)
         if layers:
             self.per_layer.add(bucket, (measured_layers - predicted_layers) / layers)
+
+    def plain_step_seconds(self, batch_size: int, costs: StepCosts) -> float:
+        """``costs``' plain step with this bucket's plain overhead added, as :meth:`adjust`
+        prices it (without building the adjusted curves)."""
+        plain = self._median(self.plain, batch_bucket(batch_size)) or 0.0
+        return costs.plain_step_seconds + round(max(plain, 0.0) / RESOLUTION_SECONDS) * RESOLUTION_SECONDS
 
     def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never

@@ -19,24 +19,29 @@ import torch
 class FlatTree:
     """One request's tree. tokens/parents ``[N]`` int64 (root parent -1), values ``[N]``
     float (path value; root 1); optionally each node's own draft probability ``[N]`` and
-    rank among its siblings ``[N]`` (for acceptance calibration)."""
+    rank among its siblings ``[N]`` (for acceptance calibration), and whether it is known
+    to be a chain (None: read from ``parents`` when asked)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     values: torch.Tensor
     draft_probs: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
+    chain: bool | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
 
     def prefix(self, length: int) -> FlatTree:
         """The first ``length`` nodes (a valid tree by the topological order)."""
+        if length >= len(self):
+            return self
+
         def cut(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[:length]
 
         return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length],
-                        cut(self.draft_probs), cut(self.ranks))
+                        cut(self.draft_probs), cut(self.ranks), chain=True if self.chain else None)
 
     @classmethod
     def chains(cls, root_tokens: np.ndarray, tokens: np.ndarray, values: np.ndarray, draft_probs: np.ndarray,
@@ -47,12 +52,20 @@ class FlatTree:
         tokens, values = with_root(root_tokens, tokens, np.int64), with_root(1.0, values, np.float32)
         draft_probs, ranks = with_root(1.0, draft_probs, np.float32), with_root(0, ranks, np.int64)
         parents = torch.arange(-1, tokens.shape[1] - 1)
-        return [cls(tokens[row, : n + 1], parents[: n + 1], values[row, : n + 1], draft_probs[row, : n + 1], ranks[row, : n + 1])
-                for row, n in enumerate(lengths.tolist())]
+        lengths = lengths.tolist()
+        if lengths and min(lengths) == max(lengths):  # one unbind per column instead of a slice per row
+            n = lengths[0] + 1
+            columns = (column[:, :n].unbind(0) for column in (tokens, values, draft_probs, ranks))
+            return [cls(row_tokens, parents[:n], row_values, row_probs, row_ranks, chain=True)
+                    for row_tokens, row_values, row_probs, row_ranks in zip(*columns)]
+        return [cls(tokens[row, : n + 1], parents[: n + 1], values[row, : n + 1], draft_probs[row, : n + 1],
+                    ranks[row, : n + 1], chain=True) for row, n in enumerate(lengths)]
 
     @property
     def is_chain(self) -> bool:
         """Whether every node's parent is the node before it (causal attention verifies it)."""
+        if self.chain is not None:
+            return self.chain
         return bool(torch.equal(self.parents[1:], torch.arange(len(self) - 1)))
 
     @property

@@ -136,9 +136,7 @@ class LayerRules:
         self.draft_cost, self.target_cost, self.chain_target_cost = costs.unit_curves
         if self.draft_cost.size <= self.k or self.target_cost.size <= max_nodes + 1:
             raise ValueError("cost curves must cover node_top_k draft tokens and max_nodes + 1 target tokens")
-        fixed = costs.verification_overhead / costs.plain_step_seconds
-        self.added_verify_cost = {chain: np.maximum(curve[2:] - curve[1] - fixed, 0.0)
-                                  for chain, curve in ((False, self.target_cost), (True, self.chain_target_cost))}
+        self.added_verify_cost = costs.added_verify_units
         """Target cost of verifying ``n`` = 1, 2, ... nodes beyond the root, ``[n_max]``, for
         trees (False) and chains (True), without the fixed overhead of verifying at all: C3 weighs
         each node against what it adds, and whether verifying pays at all is the decline
