@@ -149,8 +149,8 @@ class CastChainBuilder(LayerRules):
         caps = [count] * len(self.node_values) if max_nodes_per_request is None else [
             min(count, max(cap, 0)) for cap in max_nodes_per_request.tolist()]
         counts = [sum(1 for value in values[:cap] if value > 0) for values, cap in zip(self.node_values, caps)]
-        trees = FlatTree.chains(np.asarray(root_tokens), np.array(self.node_tokens), np.array(self.node_values),
-                                np.array(self.node_probs), np.array(self.node_ranks), np.array(counts))
+        trees = FlatTree.chains(root_tokens.tolist(), self.node_tokens, self.node_values, self.node_probs,
+                                self.node_ranks, counts)
         self.decision.verified.extend(counts)
         self.decision.expected_accepted = sum(sum(values[:n]) for values, n in zip(self.node_values, counts)) / len(counts)
         return trees

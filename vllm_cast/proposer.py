@@ -357,9 +357,9 @@ class CastProposer(EagleProposer):
         layer_seconds = time.perf_counter() - loop_started
         node_probs, node_tokens = np.array(chain_probs)[None], np.array(chain_tokens)[None]
         estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(node_probs[:, :, None])
-        self.last_trees = FlatTree.chains(next_token_ids.long().cpu().numpy(), node_tokens,
-                                          np.cumprod(estimates.reshape(1, depth), axis=1), node_probs,
-                                          np.zeros_like(node_tokens), np.array([depth]))
+        self.last_trees = FlatTree.chains(next_token_ids.long().cpu().tolist(), node_tokens.tolist(),
+                                          np.cumprod(estimates.reshape(1, depth), axis=1).tolist(),
+                                          node_probs.tolist(), np.zeros_like(node_tokens).tolist(), [depth])
         expected_accepted = float(self.last_trees[0].values[1:].sum())
         self.last_decision = StepDecision(widths=[1] * depth, verified=[depth], expected_accepted=expected_accepted,
                                           measured_layer_seconds=layer_seconds)

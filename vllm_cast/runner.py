@@ -392,19 +392,15 @@ class CastRunnerMixin:
         if not rows:
             return
         candidate_tokens, candidate_probs, sampled = root_tokens.tolist(), root_probs.tolist(), self._sampled.tolist()
+        candidates = len(candidate_tokens[0])
         probs, ranks, accepted, modes, owners = [], [], [], [], []
-
-        def add(prob: float, rank: int, was_accepted: bool, index: int) -> None:
-            probs.append(prob)
-            ranks.append(rank)
-            accepted.append(was_accepted)
-            modes.append(sampled[index])
-            owners.append(index)
-
         for index, row in rows:
             first_token = self._verdicts.tokens[index][0]
-            for rank, (token, prob) in enumerate(zip(candidate_tokens[row], candidate_probs[row])):
-                add(prob, rank, token == first_token, index)
+            probs += candidate_probs[row]
+            ranks += range(candidates)
+            accepted += [token == first_token for token in candidate_tokens[row]]
+            modes += [sampled[index]] * candidates
+            owners += [index] * candidates
             tree = self._step_trees[index]
             if tree is None or tree.draft_probs is None or len(tree) <= 2:
                 continue  # no node below the first layer
@@ -412,7 +408,11 @@ class CastRunnerMixin:
             for node, (parent, prob, rank) in enumerate(zip(tree.parents.tolist(), tree.draft_probs.tolist(),
                                                             tree.ranks.tolist())):
                 if parent > 0 and parent in on_path:
-                    add(prob, rank, node in on_path, index)
+                    probs.append(prob)
+                    ranks.append(rank)
+                    accepted.append(node in on_path)
+                    modes.append(sampled[index])
+                    owners.append(index)
         self.drafter.calibrator.record(probs, ranks, accepted, modes, owners, owner_ids=current_ids)
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
