@@ -74,3 +74,26 @@ def test_a_chunked_wave_is_undrafted_before_the_draft_reads_its_prompts(vanilla_
     assert steps[0] < 8, "the second wave's first step held the whole wave: nothing is tested"
     assert judged_sizes and min(judged_sizes) == 8
     assert not first_passes, f"the draft read {sum(first_passes)} prompt rows of an undrafted wave"
+
+
+def test_requests_whose_prompt_pass_cannot_pay_are_never_drafted(vanilla_llm, default_cast_llm, monkeypatch):
+    """At a known acceptance rate (forced), a long prompt with 2 new tokens is not drafted
+    from its first step (the draft never reads it) and output is vanilla's; a short prompt
+    with 16 new tokens is drafted."""
+    runner = model_runner(default_cast_llm)
+    monkeypatch.setattr(runner.drafter.calibrator, "first_rank_rate", lambda sampled: 0.5)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
+    first_passes = []
+    first_pass = runner.drafter._first_pass
+    monkeypatch.setattr(runner.drafter, "_first_pass", lambda *args: first_passes.append(args[0].shape[0])
+                        or first_pass(*args))
+    before = runner.cast_summary()["undrafted_requests"]
+    long_prompt = load_prompts("sum", limit=1)
+    assert greedy_token_ids(default_cast_llm, long_prompt, 2) == greedy_token_ids(vanilla_llm, long_prompt, 2)
+    assert runner.cast_summary()["undrafted_requests"] == before + 1
+    assert not first_passes, "the draft read the prompt of a request it could never repay"
+
+    short_prompt = load_prompts("qa", limit=1)
+    assert greedy_token_ids(default_cast_llm, short_prompt, 16) == greedy_token_ids(vanilla_llm, short_prompt, 16)
+    assert runner.cast_summary()["undrafted_requests"] == before + 1
+    assert first_passes, "a short prompt with 16 new tokens was not drafted"

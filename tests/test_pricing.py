@@ -44,3 +44,11 @@ def test_no_chain_can_pay_when_drafting_costs_more_than_it_can_return():
     assert not pricing.no_chain_can_pay(_costs(draft=0.1), acceptance_rate=0.6, max_depth=6)
     assert not pricing.no_chain_can_pay(_costs(draft=0.5), acceptance_rate=0.99, max_depth=6)
     assert pricing.no_chain_can_pay(_costs(draft=0.5), acceptance_rate=0.3, max_depth=6)
+
+
+def test_a_prompt_pass_pays_only_if_speculation_could_save_as_much():
+    costs = dataclasses.replace(_costs(draft=0.2), chain_draft=0.01 * torch.arange(20, dtype=torch.float64))
+    # first pass over 190 prompt rows: 0.19 s x 10 (linear beyond the table) = 1.9 s; a plain step 1 s
+    assert pricing.prompt_pass_pays(costs, prompt_rows=190, new_tokens=4, acceptance_rate=0.5), "saves up to 2 s"
+    assert not pricing.prompt_pass_pays(costs, prompt_rows=190, new_tokens=3, acceptance_rate=0.5), "saves 1.5 s"
+    assert not pricing.prompt_pass_pays(costs, prompt_rows=190, new_tokens=64, acceptance_rate=0.0)

@@ -54,6 +54,15 @@ def beats_plain_decoding(costs: StepCosts, forwarded_widths: list[int], expected
     return emitted * plain >= speculative
 
 
+def prompt_pass_pays(costs: StepCosts, prompt_rows: float, new_tokens: float, acceptance_rate: float) -> bool:
+    """Whether speculating could ever repay the draft's first pass over a request's prompt
+    of ``prompt_rows`` rows (priced at the costs' batch size, per request): at best it saves
+    the fraction ``acceptance_rate`` (``a``) of the plain steps of its ``new_tokens`` tokens
+    (an endless chain accepting each node with ``a``, drafted and verified for free, emits
+    ``1 / (1 - a)`` tokens a step)."""
+    return first_pass_seconds(costs, prompt_rows) <= acceptance_rate * new_tokens * costs.plain_step_seconds
+
+
 def no_chain_can_pay(costs: StepCosts, acceptance_rate: float, max_depth: int) -> bool:
     """Whether no chain of depth 1..``max_depth`` whose nodes are each accepted with
     ``acceptance_rate`` beats plain decoding: ``1 + a + ... + a^d`` tokens never pay for

@@ -426,6 +426,22 @@ class CastProposer(EagleProposer):
             self._hopeless_memo[key] = self._no_chain_can_pay(batch_size, context, all_sampled)
         return self._hopeless_memo[key]
 
+    def prompt_pass_pays(self, batch_size: int, prompt_tokens: int, new_tokens: int | None, all_sampled: bool) -> bool:
+        """Whether a new request, decoding at ``batch_size`` with a prompt of
+        ``prompt_tokens`` and at most ``new_tokens`` to generate (None: unbounded), could
+        repay the draft's pass over its prompt (``pricing.prompt_pass_pays``, at the learned
+        first-rank acceptance rate and the measured overheads; True until both are known).
+        Sum's 1.4k-token prompts with 64 new tokens cannot from B=16 greedy and B=4 sampled
+        on: drafted, their prompt passes cost 0.1-0.4 s a wave of 1.5-3.4 s and then the
+        requests were undrafted."""
+        if new_tokens is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
+            return True
+        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
+        if rate is None:
+            return True
+        costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, float(prompt_tokens)))
+        return pricing.prompt_pass_pays(costs, prompt_tokens, new_tokens, rate)
+
     def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """The priced half of :meth:`speculation_hopeless`, computed afresh (greedy rate
         unless every request samples)."""

@@ -271,6 +271,8 @@ class CastRunnerMixin:
         self._arriving = self._arrivals.step(
             (request.req_id for request in scheduler_output.scheduled_new_reqs), len(req_ids),
             self.input_batch.req_id_to_index, self.input_batch.num_computed_tokens_cpu, self.input_batch.num_prompt_tokens)
+        if scheduler_output.scheduled_new_reqs:
+            self._undraft_unpayable_prompts(scheduler_output.scheduled_new_reqs, len(req_ids))
         drafted = [req_id not in self._undrafted for req_id in req_ids] if self._undrafted else [True] * len(req_ids)
         self._drafted_rows = np.array(drafted, dtype=bool)
         any_drafted = any(drafted)
@@ -323,7 +325,7 @@ class CastRunnerMixin:
         batch_size = len(req_ids) if deferrable else self._arrivals.judged_batch_size(len(req_ids), self._arriving)
         if not self.drafter.speculation_hopeless(batch_size, context, self._all_sampled):
             return False
-        self._undraft(req_ids, drafted)
+        self._undraft([req_id for req_id, row in zip(req_ids, drafted.tolist()) if row])
         return True
 
     def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
@@ -547,10 +549,21 @@ class CastRunnerMixin:
                                        torch.cat([h[rows] for h in aux_hidden_states], dim=-1),
                                        np.concatenate([[0], np.cumsum(lengths[kept])]).tolist())
 
-    def _undraft(self, req_ids: list[str], rows: np.ndarray) -> None:
-        """Requests at ``rows`` (bool ``[B]``) stop being drafted for good (see _undraft_if_hopeless)."""
-        self._undrafted.update(req_ids[i] for i in np.flatnonzero(rows))
-        self._undrafted_total += int(rows.sum())
+    def _undraft(self, req_ids: list[str]) -> None:
+        """These requests stop being drafted for good (see _undraft_if_hopeless)."""
+        self._undrafted.update(req_ids)
+        self._undrafted_total += len(req_ids)
+
+    def _undraft_unpayable_prompts(self, new_requests: list, batch: int) -> None:
+        """New requests (vLLM's ``NewRequestData``) whose prompt the draft's first pass could
+        never be repaid for (``CastProposer.prompt_pass_pays``, at the batch size arriving
+        requests decode at, vllm_cast.arrivals) are not drafted from their first step."""
+        batch_size = self._arrivals.judged_batch_size(batch, arriving=True)
+        unpayable = [request.req_id for request in new_requests if not self.drafter.prompt_pass_pays(
+            batch_size, len(request.prompt_token_ids or ()),
+            None if request.sampling_params is None else request.sampling_params.max_tokens, self._all_sampled)]
+        if unpayable:
+            self._undraft(unpayable)
 
     def _chain_accepted_rows(self, hidden_states: torch.Tensor, aux_hidden_states: list[torch.Tensor] | None,
                              spec_decode_metadata: SpecDecodeMetadata | None) -> None:
