@@ -112,6 +112,14 @@ RESOLUTION_SECONDS = 5e-5
 adjusted curve is reused while its bucket's medians move less than that (at 10 us a new
 median missed the memo on ~70% of drafting calls, each miss rebuilding the curves and the
 builder's unit curves; side by side at B=1, ``adjust`` went from 0.13 to 0.10-0.12 ms a call)."""
+
+
+def _resolution_steps(seconds: float) -> int:
+    """An overhead in whole ``RESOLUTION_SECONDS`` steps (clamped at 0: a step is never
+    cheaper than its forwards)."""
+    return round(max(seconds, 0.0) / RESOLUTION_SECONDS)
+
+
 ADJUSTED_KEPT = 1024
 """Adjusted cost curves kept for reuse (the memo is emptied when it reaches this size)."""
 
@@ -160,7 +168,7 @@ class StepOverheads:
         """``costs``' plain step with this bucket's plain overhead added, as :meth:`adjust`
         prices it (without building the adjusted curves)."""
         plain = self._median(self.plain, batch_bucket(batch_size)) or 0.0
-        return costs.plain_step_seconds + round(max(plain, 0.0) / RESOLUTION_SECONDS) * RESOLUTION_SECONDS
+        return costs.plain_step_seconds + _resolution_steps(plain) * RESOLUTION_SECONDS
 
     def adjust(self, batch_size: int, costs: StepCosts) -> StepCosts:
         """``costs`` with this bucket's overheads added (clamped at 0: a step is never
@@ -168,7 +176,7 @@ class StepOverheads:
         bucket = batch_bucket(batch_size)
         plain = self._median(self.plain, bucket) or 0.0
         verify = self._median(self.verify, bucket)
-        steps = tuple(round(max(seconds, 0.0) / RESOLUTION_SECONDS) for seconds in (
+        steps = tuple(_resolution_steps(seconds) for seconds in (
             plain, plain if verify is None else verify,
             self._median(self.first_pass, bucket) or 0.0, self._median(self.per_layer, bucket) or 0.0))
         if not any(steps):
