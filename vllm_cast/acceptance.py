@@ -55,6 +55,12 @@ def _rank_offsets(children: int, ranks: int, bins: int) -> np.ndarray:
     return offsets
 
 
+@functools.cache
+def _rank_offset_tuple(children: int, ranks: int, bins: int) -> tuple[int, ...]:
+    """:func:`_rank_offsets` as Python ints (the plain-Python paths)."""
+    return tuple(_rank_offsets(children, ranks, bins).tolist())
+
+
 class AcceptanceCalibrator:
     """Acceptance estimates per (verification mode, sibling rank, probability bin). Modes:
     0 greedy, 1 sampled (acceptance under sampling is much lower for the same draft
@@ -66,15 +72,19 @@ class AcceptanceCalibrator:
                  request_prior_strength: float = REQUEST_PRIOR_STRENGTH) -> None:
         self.ranks = ranks
         self.prior_strength = prior_strength
-        bins = PROBABILITY_EDGES.numel() - 1
-        self.accepted = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
-        self.trials = torch.zeros(self.MODES, ranks, bins, dtype=torch.float64)
+        self._bins = PROBABILITY_EDGES.numel() - 1
+        self._cells_per_mode = ranks * self._bins
+        self._hits = [0.0] * (self.MODES * self._cells_per_mode)
+        self._trials = [0.0] * (self.MODES * self._cells_per_mode)
+        """Accepted and recorded outcomes per cell, flattened ``[MODES, ranks, bins]``: Python
+        lists, because every step adds a few dozen outcomes one at a time and reads a few
+        dozen cells back in the chain builder (each a numpy scalar access otherwise: with
+        them the calibrator's share of a greedy B=4 step was ~0.1 ms)."""
         self._inner_edges = PROBABILITY_EDGES.double().numpy()[1:-1]
         """Bin boundaries between the first and last bin: a probability's bin is the number
         of them at or below it (0..bins-1, no clipping needed)."""
         self._inner_edge_list = self._inner_edges.tolist()
         """The same boundaries as Python floats (the plain-Python paths bisect them)."""
-        self._accepted_np, self._trials_np = self.accepted.numpy(), self.trials.numpy()  # views, same memory
         self.request_prior_strength = request_prior_strength
         self.request_records: dict[str, tuple[float, float]] = {}
         """Per request id: (first-rank children accepted, the shared table's expected count)."""
@@ -82,8 +92,12 @@ class AcceptanceCalibrator:
     def _cell(self, rank: int, prob: float) -> int:
         """The (sibling rank, probability bin) cell of one draft probability in a mode's
         flattened ``[ranks, bins]`` table."""
-        bins = len(self._inner_edge_list) + 1
-        return min(rank, self.ranks - 1) * bins + bisect.bisect_right(self._inner_edge_list, prob)
+        return min(rank, self.ranks - 1) * self._bins + bisect.bisect_right(self._inner_edge_list, prob)
+
+    def _tables(self, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Accepted and recorded counts ``[B, ranks * bins]`` of each row's mode (``modes``
+        ``[B]`` int: 0 greedy, 1 sampled)."""
+        return tuple(np.array(table).reshape(self.MODES, -1)[modes] for table in (self._hits, self._trials))
 
     def __call__(self, sorted_probs: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         """Estimated acceptance ``[B, ..., K]`` (float64) of children whose draft
@@ -98,9 +112,8 @@ class AcceptanceCalibrator:
         whose first-rank estimates are scaled by their own records (see module doc).
         Outcomes recorded later are not seen by it."""
         modes = np.asarray(sampled).astype(np.int64)
-        bins = self._trials_np.shape[2]
-        hits = self._accepted_np[modes].reshape(modes.size, -1)  # [B, ranks * bins]
-        trials = self._trials_np[modes].reshape(modes.size, -1)
+        bins = self._bins
+        hits, trials = self._tables(modes)
         factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
 
         def estimate(sorted_probs: np.ndarray) -> np.ndarray:
@@ -122,18 +135,18 @@ class AcceptanceCalibrator:
         (``sampled`` ``[B]``: bools as a list, array or CPU tensor). The chain builder calls
         it once per request and layer right after a draft forward, where each numpy call on
         these few values costs several times its warm time (cold caches) and Python's float
-        arithmetic does not."""
-        sampled = python_list(sampled)
-        tables = [(self._accepted_np[mode].ravel().tolist(), self._trials_np[mode].ravel().tolist())
-                  for mode in range(self.MODES)]
-        row_tables = [tables[int(flag)] for flag in sampled]
-        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == len(sampled) else None
-        factor_list = None if factors is None else factors.tolist()
+        arithmetic does not. It reads the live tables (outcomes are recorded between steps,
+        never while one drafts)."""
+        mode_starts = [int(flag) * self._cells_per_mode for flag in python_list(sampled)]
+        factor_list = (self._request_factor_list(req_ids) if req_ids is not None and len(req_ids) == len(mode_starts)
+                       else None)
+        hits, trials, prior, edges = self._hits, self._trials, self.prior_strength, self._inner_edge_list
 
         def estimate(row: int, probs: list[float]) -> list[float]:
-            row_hits, row_trials = row_tables[row]
-            estimates = [self._shrunk(row_hits[cell], row_trials[cell], prob)
-                         for cell, prob in zip(map(self._cell, range(len(probs)), probs), probs)]
+            offsets = _rank_offset_tuple(len(probs), self.ranks, self._bins)
+            start = mode_starts[row]
+            estimates = [(hits[cell] + prior * prob) / (trials[cell] + prior) for cell, prob in zip(
+                [start + offset + bisect.bisect_right(edges, prob) for offset, prob in zip(offsets, probs)], probs)]
             if factor_list is not None:
                 estimates[0] = min(estimates[0] * factor_list[row], 1.0)
             return estimates
@@ -146,15 +159,19 @@ class AcceptanceCalibrator:
         Python floats)."""
         return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
-    def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
+    def _request_factor_list(self, req_ids: list[str]) -> list[float] | None:
         """``[B]`` each request's accepted over expected first-rank children, shrunk
         towards 1 (None when no request has a record)."""
         records = [self.request_records.get(req_id) for req_id in req_ids]
         if not any(records):
             return None
         strength = self.request_prior_strength
-        return np.array([1.0 if record is None else (record[0] + strength) / (record[1] + strength)
-                         for record in records])
+        return [1.0 if record is None else (record[0] + strength) / (record[1] + strength) for record in records]
+
+    def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
+        """:meth:`_request_factor_list` as an array."""
+        factors = self._request_factor_list(req_ids)
+        return None if factors is None else np.array(factors)
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget the records of requests not in ``req_ids`` (finished or preempted)."""
@@ -171,11 +188,10 @@ class AcceptanceCalibrator:
         record). In plain Python: a step records a few outcomes per request right after the
         target forward, where numpy's first calls are slow (see :meth:`row_estimator`)."""
         probs, ranks, accepted, sampled = (python_list(column) for column in (probs, ranks, accepted, sampled))
-        cells_per_mode = self._trials_np[0].size
-        cells = [int(mode) * cells_per_mode + self._cell(rank, prob) for prob, rank, mode in zip(probs, ranks, sampled)]
+        cells = [int(mode) * self._cells_per_mode + self._cell(rank, prob) for prob, rank, mode in zip(probs, ranks, sampled)]
         if owners is not None and owner_ids is not None:
             self._add_to_request_records(cells, probs, accepted, ranks, python_list(owners), owner_ids)
-        trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
+        trials, hits = self._trials, self._hits
         for cell, outcome in zip(cells, accepted):
             trials[cell] += 1.0
             hits[cell] += float(outcome)
@@ -185,11 +201,11 @@ class AcceptanceCalibrator:
         """Add first-rank outcomes (table cells ``cells``, ``[T]`` like the other columns) to
         their requests' records, each expected as the shared table estimates it before this
         step's outcomes."""
-        trials, hits = self._trials_np.reshape(-1), self._accepted_np.reshape(-1)
+        trials, hits = self._trials, self._hits
         sums: dict[int, list[float]] = {}
         for cell, prob, outcome, rank, owner in zip(cells, probs, accepted, ranks, owners):
             if rank == 0:
-                expected = self._shrunk(float(hits[cell]), float(trials[cell]), prob)
+                expected = self._shrunk(hits[cell], trials[cell], prob)
                 owner_sums = sums.setdefault(owner, [0.0, 0.0])
                 owner_sums[0] += float(outcome)
                 owner_sums[1] += expected
@@ -200,5 +216,6 @@ class AcceptanceCalibrator:
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,
         or None before ``MIN_RATE_TRIALS`` outcomes."""
-        trials = float(self.trials[int(sampled), 0].sum())
-        return None if trials < MIN_RATE_TRIALS else float(self.accepted[int(sampled), 0].sum()) / trials
+        first_rank = slice(int(sampled) * self._cells_per_mode, int(sampled) * self._cells_per_mode + self._bins)
+        trials = sum(self._trials[first_rank])
+        return None if trials < MIN_RATE_TRIALS else sum(self._hits[first_rank]) / trials
