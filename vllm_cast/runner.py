@@ -31,6 +31,7 @@ from vllm_cast.cost_tables import cost_source, resolve_table, table_key
 from vllm_cast.draft_delivery import with_drafts
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
+from vllm_cast.step_overheads import AFTER_PROMPT_STEPS
 from vllm_cast.stats import CastStats
 from vllm_cast.tree import FlatTree, ancestor_mask, depths
 from vllm_cast.tree_builder import StepDecision
@@ -86,6 +87,8 @@ class CastRunnerMixin:
         self._emitted_tokens = 0
         self._verified_drafts = False
         self._decode_only = False
+        self._decode_steps_in_a_row = 0
+        """Decode-only steps since the last step with prompt rows, this one included."""
         self._spec_tokens = 0
         self._step_tokens = 0
         self._aux_holder = None
@@ -135,6 +138,7 @@ class CastRunnerMixin:
                              == len(scheduler_output.num_scheduled_tokens) + self._spec_tokens
                              and not scheduler_output.scheduled_new_reqs
                              and not scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        self._decode_steps_in_a_row = self._decode_steps_in_a_row + 1 if self._decode_only else 0
         self.speculative_config = self.vllm_config.speculative_config  # _prepare_inputs may hide it
         return super().execute_model(scheduler_output, intermediate_tensors)
 
@@ -151,9 +155,8 @@ class CastRunnerMixin:
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
         """Compare a step's wall time with the cost table: for the stats (speculative
-        steps) and, for decode-only steps, the drafter's measured overheads: the step
-        outside its drafting call against its target forward (plain or verifying), and
-        the drafting call against its draft passes (not for probes replaying dormant rows).
+        steps) and, for decode-only steps past the first ``AFTER_PROMPT_STEPS`` after a
+        step with prompt rows, the drafter's measured overheads (``_record_overheads``).
         Every decode-only step is a throughput sample unless it ran a shape for the first
         time; on other steps, and on one drafting a lone arrival's deferred prompt rows, the
         drafting call is charged to speculation (vllm_cast.throughput: prompts' lengths vary,
@@ -179,6 +182,21 @@ class CastRunnerMixin:
             return
         if self._first_run_of_a_shape(decision):
             return
+        if self._decode_steps_in_a_row > AFTER_PROMPT_STEPS:
+            self._record_overheads(batch, decision, measured, predicted_verify, plain_costs)
+        speculative = self._verified_drafts or decision is not None
+        throughput = self.drafter.throughput
+        if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
+            self.drafter.solo.resume_probing(self._all_sampled)
+        if speculative and batch == 1:
+            self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
+                                     throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
+
+    def _record_overheads(self, batch: int, decision: StepDecision | None, measured: float,
+                          predicted_verify: float | None, plain_costs: Callable[[], StepCosts]) -> None:
+        """This decode step's unpriced seconds (vllm_cast.step_overheads): outside its drafting
+        call against its target forward (``predicted_verify``; None: a plain step's), and the
+        drafting call against its draft passes (not for probes replaying dormant rows)."""
         if predicted_verify is None:
             predicted_verify = plain_costs().plain_step_seconds
         drafting = 0.0 if decision is None else self._drafting_seconds
@@ -187,13 +205,6 @@ class CastRunnerMixin:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_first_pass_seconds,
                                                    decision.measured_layer_seconds, decision.predicted_layer_seconds,
                                                    len(decision.draft_forward_tokens) - 1)
-        speculative = self._verified_drafts or decision is not None
-        throughput = self.drafter.throughput
-        if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
-            self.drafter.solo.resume_probing(self._all_sampled)
-        if speculative and batch == 1:
-            self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
-                                     throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
 
     def _record_cohort_step(self, batch: int, decision: StepDecision | None, measured: float,
                             plain_costs: Callable[[], StepCosts]) -> None:

@@ -44,6 +44,14 @@ REFRESH_SAMPLES = 4
 MIN_SAMPLES = 4
 """Samples a bucket needs before its overhead is used (before that: the nearest smaller
 bucket's, else 0, optimistic)."""
+AFTER_PROMPT_STEPS = 3
+"""Decode steps right after a step with prompt rows that are no overhead samples: the
+prefill has evicted the caches, and on the 2-core EPYC the first three plain B=4 steps took
+2.9-3.4, 2.5-3.0 and 2.4-2.8 ms against ~2.4 ms steady. Plain decoding's first measured
+steps at a batch size come right after its prompts (``CastProposer.measures_plain_first``),
+so with them the plain overhead read 0.7-1.5 ms where steady plain steps add ~0.06 ms, and
+the gate priced plain B=4 steps at 3.9-4.0 ms (explored 6-deep trees at 6.8-8.5 ms a step
+where vanilla's steps took 2.8 ms)."""
 
 
 def batch_bucket(batch_size: int) -> int:
