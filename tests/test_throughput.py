@@ -11,8 +11,8 @@ from vllm_cast.config import CastParams
 from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, MIN_STEPS, STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES,
-                                  MeasuredThroughput)
+from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, DECIDING_MEMBERS, MIN_STEPS,
+                                  STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES, MeasuredThroughput)
 from vllm_cast.tree_builder import StepDecision
 
 
@@ -92,11 +92,15 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
     assert not throughput.measured_slower(2, False), "stale: the cohorts are dropped with the samples"
 
 
-def test_a_first_cohort_clearly_slower_decides_alone():
+def test_a_first_cohort_clearly_slower_decides_alone_when_it_has_enough_requests():
     throughput = MeasuredThroughput()
     _cohort(throughput, {"a": 2, "b": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
-    assert 0.4 < CLEARLY_SLOWER and throughput.measured_slower(4, False)
-    assert not throughput.measured_slower(1, False), "smaller batch sizes do not inherit it"
+    assert 0.4 < CLEARLY_SLOWER and DECIDING_MEMBERS > 2
+    assert not throughput.measured_slower(2, False), "two requests are too few to decide alone"
+    paces = {f"r{index}": 2 for index in range(DECIDING_MEMBERS - 1)} | {"slow": 1}
+    _cohort(throughput, paces, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
+    assert throughput.measured_slower(DECIDING_MEMBERS, False) and throughput.measured_slower(32, False)
+    assert not throughput.measured_slower(2, False), "smaller batch sizes do not inherit it"
 
 
 def test_cohorts_that_never_speculated_are_no_evidence():

@@ -35,6 +35,8 @@ class _Cohort:
     """(batch-size bucket, all sampled) of the step the cohort started decoding in."""
     running: int
     """Members not finished yet."""
+    members: int = 0
+    """Requests it started with."""
     speculated: bool = False
     slowest_seconds: float = 0.0
     """Largest seconds in the batch of a finished member."""
@@ -57,6 +59,8 @@ class CohortLedger:
 
     lives: dict[str, _Life] = field(default_factory=dict)
     speedups: dict[tuple[int, bool], deque] = field(default_factory=dict)
+    members: dict[tuple[int, bool], deque] = field(default_factory=dict)
+    """Per (bucket, mode), the requests of each cohort in ``speedups`` (same order)."""
 
     def record_step(self, req_ids: list[str], joining: list[bool], emitted: list[int], seconds: float,
                     plain_step_seconds: float, speculative: bool, all_sampled: bool) -> None:
@@ -92,7 +96,7 @@ class CohortLedger:
         """Start one cohort of the joining requests not in the ledger yet."""
         new = [req_id for req_id, joins in zip(req_ids, joining) if joins and req_id not in self.lives]
         if new:
-            cohort = _Cohort(key=(batch_bucket(len(req_ids)), all_sampled), running=len(new))
+            cohort = _Cohort(key=(batch_bucket(len(req_ids)), all_sampled), running=len(new), members=len(new))
             self.lives.update((req_id, _Life(cohort)) for req_id in new)
 
     def retain(self, req_ids: list[str]) -> list[tuple[int, bool]]:
@@ -107,8 +111,9 @@ class CohortLedger:
             cohort.slowest_plain_seconds = max(cohort.slowest_plain_seconds, life.plain_seconds)
             cohort.running -= 1
             if cohort.running == 0 and cohort.speculated and cohort.slowest_seconds > 0:
-                window = self.speedups.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW))
-                window.append(cohort.slowest_plain_seconds / cohort.slowest_seconds)
+                self.speedups.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW)).append(
+                    cohort.slowest_plain_seconds / cohort.slowest_seconds)
+                self.members.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW)).append(cohort.members)
                 completed.append(cohort.key)
         return completed
 
@@ -119,6 +124,15 @@ class CohortLedger:
             return None
         return sum(window) / len(window)
 
+    def lone_speedup(self, key: tuple[int, bool], fewest_members: int) -> float | None:
+        """The speedup of the bucket's only completed cohort, if it has ``fewest_members``
+        requests or more (None otherwise, or with no or several cohorts)."""
+        window = self.speedups.get(key)
+        if not window or len(window) != 1 or self.members[key][0] < fewest_members:
+            return None
+        return window[0]
+
     def forget(self, key: tuple[int, bool]) -> None:
         """Drop a bucket's completed cohorts (their evidence went stale)."""
         self.speedups.pop(key, None)
+        self.members.pop(key, None)

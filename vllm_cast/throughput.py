@@ -40,7 +40,7 @@ too, so that evidence is measured afresh as well.
 A bucket's verdict rests on whole requests once ``COHORTS_TO_JUDGE`` cohorts that
 speculated there have finished (vllm_cast.cohorts): speculating is slower while the mean
 speedup of its recent cohorts is below 1 (or on its first one alone, when that one is
-below ``CLEARLY_SLOWER``). Until then the steps decide, and only against
+below ``CLEARLY_SLOWER`` and has ``DECIDING_MEMBERS`` requests). Until then the steps decide, and only against
 speculation that measures under ``STRONGLY_SLOWER`` of plain decoding: a wave's first steps
 read speculation far slower than it ends up (vllm_cast.cohorts), and a "slower" verdict
 from them held for the rest of the batch size (greedy B=2, 64 tokens: the first MT-Bench
@@ -84,11 +84,19 @@ wave is too few (greedy B=2: MT-Bench's first wave 0.86x, its second 1.32x), unl
 measured under ``CLEARLY_SLOWER``."""
 
 CLEARLY_SLOWER = 0.8
-"""A bucket's first completed cohort below this speedup decides alone. Greedy, 64 tokens, the
+"""A bucket's first completed cohort below this speedup decides alone (when it has
+``DECIDING_MEMBERS`` requests). Greedy, 64 tokens, the
 grid's cell order: the first cohorts of buckets where speculation went on to pay read
 0.84-0.91x (B=2: MT-Bench, GSM8K, alpaca), those of buckets where it lost 0.73-0.88x (B=16:
 0.73 and 0.78, B=8: 0.75, B=4: 0.85 and 0.88); waiting for a second B=16 cohort cost a second
 wave at 0.78x, and the cell's median repeat read 0.75x of vanilla."""
+
+DECIDING_MEMBERS = 4
+"""Requests a first cohort needs to decide alone. One or two requests are one or two prompts'
+luck: a lone warm-up request (MT-Bench's first prompt, greedy, 0.69x of plain decoding)
+made the batch-size-1 bucket slower, which ruled every larger batch size, and the next
+GSM8K waves at B=2 were never drafted (1.4-1.6x once drafted); at B=2 MT-Bench's first
+wave reads 0.70-0.89x where its second reads 1.4-2.0x."""
 
 STRONGLY_SLOWER = 0.5
 """Before a bucket has ``COHORTS_TO_JUDGE`` cohorts, speculating is slower only when its steps
@@ -186,15 +194,15 @@ class MeasuredThroughput:
     def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
         """The bucket's own verdict: whether speculating measured slower than plain decoding:
         its recent cohorts' mean speedup below 1 once it has ``COHORTS_TO_JUDGE`` of them (or
-        its first one below ``CLEARLY_SLOWER``), else its speculative steps under ``STRONGLY_SLOWER`` of plain decoding's rate (None
+        its first one of ``DECIDING_MEMBERS`` requests below ``CLEARLY_SLOWER``), else its speculative steps under ``STRONGLY_SLOWER`` of plain decoding's rate (None
         until both kinds of steps are measured there; then held until the next speculative
         sample, see module doc)."""
         key = (bucket, all_sampled)
         speedup = self.cohorts.mean_speedup(key, COHORTS_TO_JUDGE)
         if speedup is not None:
             return speedup < 1.0
-        first = self.cohorts.mean_speedup(key, 1)
-        if first is not None and first < CLEARLY_SLOWER:
+        lone = self.cohorts.lone_speedup(key, DECIDING_MEMBERS)
+        if lone is not None and lone < CLEARLY_SLOWER:
             return True
         if key not in self.verdicts:
             # Speculative first: on plain steps where nothing speculated (every plain step
