@@ -94,8 +94,10 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
 
 def test_a_first_cohort_clearly_slower_decides_alone_when_it_has_enough_requests():
     throughput = MeasuredThroughput()
+    _cohort(throughput, {"solo": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x at B=1
     _cohort(throughput, {"a": 2, "b": 1}, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
     assert 0.4 < CLEARLY_SLOWER and DECIDING_MEMBERS > 2
+    assert not throughput.measured_slower(1, False), "one request is too few to decide alone"
     assert not throughput.measured_slower(2, False), "two requests are too few to decide alone"
     paces = {f"r{index}": 2 for index in range(DECIDING_MEMBERS - 1)} | {"slow": 1}
     _cohort(throughput, paces, tokens=36, seconds=0.005, plain_step=0.002)  # 0.4x
