@@ -81,7 +81,7 @@ def test_requests_whose_prompt_pass_cannot_pay_are_never_drafted(vanilla_llm, de
     from its first step (the draft never reads it) and output is vanilla's; a short prompt
     with 16 new tokens is drafted."""
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter.calibrator, "first_rank_rate", lambda sampled: 0.5)
+    monkeypatch.setattr(runner.drafter.calibrator, "settled_first_rank_rate", lambda sampled: 0.5)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
     first_passes = []
     first_pass = runner.drafter._first_pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +31,17 @@ from vllm_cast.batch_rows import python_list, row_numbers
 
 MIN_RATE_TRIALS = 32
 """First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
+MIN_RATE_REQUESTS = 4
+"""Finished requests whose own first-rank rates a mode's settled rate averages before
+verdicts that can never be revised rest on it (``AcceptanceCalibrator.settled_first_rank_rate``;
+the last ``RECENT_REQUEST_RATES`` are kept): a request judged hopeless at that rate is never
+drafted, so the rate cannot learn from it. Pooled over outcomes, one greedy warm-up request
+(MT-Bench's first prompt: 64 outcomes at 0.57, where QA's requests read ~0.9) priced every
+chain at B=4 as hopeless, and the QA and GSM8K waves that followed at B=4 were never drafted."""
+RECENT_REQUEST_RATES = 8
+"""Finished requests' rates kept per mode."""
+MIN_REQUEST_TRIALS = 8
+"""First-rank outcomes a finished request needs for its rate to count."""
 REQUEST_PRIOR_STRENGTH = 2.0
 """Expected first-rank acceptances a request's own record counts as before it moves its
 estimates halfway to what it measured. A request's first steps are drafted with the
@@ -86,8 +98,12 @@ class AcceptanceCalibrator:
         self._inner_edge_list = self._inner_edges.tolist()
         """The same boundaries as Python floats (the plain-Python paths bisect them)."""
         self.request_prior_strength = request_prior_strength
-        self.request_records: dict[str, tuple[float, float]] = {}
-        """Per request id: (first-rank children accepted, the shared table's expected count)."""
+        self.request_records: dict[str, tuple[float, float, int, int]] = {}
+        """Per request id: (first-rank children accepted, the shared table's expected count,
+        first-rank outcomes, mode)."""
+        self.finished_request_rates = [deque(maxlen=RECENT_REQUEST_RATES) for _ in range(self.MODES)]
+        """Per mode, the first-rank acceptance rates of the last finished requests (those with
+        ``MIN_REQUEST_TRIALS`` outcomes)."""
 
     def _cell(self, rank: int, prob: float) -> int:
         """The (sibling rank, probability bin) cell of one draft probability in a mode's
@@ -176,8 +192,12 @@ class AcceptanceCalibrator:
     def retain(self, req_ids: list[str]) -> None:
         """Forget the records of requests not in ``req_ids`` (finished or preempted)."""
         kept = set(req_ids)
-        if not self.request_records.keys() <= kept:
-            self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
+        if self.request_records.keys() <= kept:
+            return
+        for req_id, (hits, _, trials, mode) in self.request_records.items():
+            if req_id not in kept and trials >= MIN_REQUEST_TRIALS:
+                self.finished_request_rates[mode].append(hits / trials)
+        self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
 
     def record(self, probs: Outcomes, ranks: Outcomes, accepted: Outcomes, sampled: Outcomes,
                owners: Outcomes | None = None, owner_ids: list[str] | None = None) -> None:
@@ -206,12 +226,14 @@ class AcceptanceCalibrator:
         for cell, prob, outcome, rank, owner in zip(cells, probs, accepted, ranks, owners):
             if rank == 0:
                 expected = self._shrunk(hits[cell], trials[cell], prob)
-                owner_sums = sums.setdefault(owner, [0.0, 0.0])
+                owner_sums = sums.setdefault(owner, [0.0, 0.0, 0, cell // self._cells_per_mode])
                 owner_sums[0] += float(outcome)
                 owner_sums[1] += expected
-        for owner, (owner_hits, owner_expected) in sums.items():
-            old_hits, old_expected = self.request_records.get(owner_ids[owner], (0.0, 0.0))
-            self.request_records[owner_ids[owner]] = (old_hits + owner_hits, old_expected + owner_expected)
+                owner_sums[2] += 1
+        for owner, (owner_hits, owner_expected, owner_trials, mode) in sums.items():
+            old_hits, old_expected, old_trials, _ = self.request_records.get(owner_ids[owner], (0.0, 0.0, 0, mode))
+            self.request_records[owner_ids[owner]] = (old_hits + owner_hits, old_expected + owner_expected,
+                                                      old_trials + owner_trials, mode)
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """Acceptance rate of first-rank children over all probabilities seen in one mode,
@@ -219,3 +241,10 @@ class AcceptanceCalibrator:
         first_rank = slice(int(sampled) * self._cells_per_mode, int(sampled) * self._cells_per_mode + self._bins)
         trials = sum(self._trials[first_rank])
         return None if trials < MIN_RATE_TRIALS else sum(self._hits[first_rank]) / trials
+
+    def settled_first_rank_rate(self, sampled: bool) -> float | None:
+        """The mean first-rank acceptance rate of one mode's last finished requests (each
+        request's own, so a long one does not outweigh the rest), or None before
+        ``MIN_RATE_REQUESTS`` have finished (recorded with their owners)."""
+        rates = self.finished_request_rates[int(sampled)]
+        return sum(rates) / len(rates) if len(rates) >= MIN_RATE_REQUESTS else None

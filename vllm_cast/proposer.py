@@ -430,14 +430,15 @@ class CastProposer(EagleProposer):
         """Whether a new request, decoding at ``batch_size`` with a prompt of
         ``prompt_tokens`` and at most ``new_tokens`` to generate (None: unbounded), could
         repay the draft's pass over its prompt (``pricing.prompt_pass_pays``, at the learned
-        first-rank acceptance rate and the measured overheads; True until both are known).
+        first-rank acceptance rate and the measured overheads; True until both are known, the
+        rate over ``MIN_RATE_REQUESTS`` requests).
         With this fixture's head (first-rank rate ~0.9 greedy, ~0.06 sampled) sum's 1.4k-token
         prompts with 64 new tokens cannot pay from greedy B=16 on, nor sampled at any batch
         size: drafted where no verdict stood, their prompt passes cost up to 0.4 s of a
         1.5-3.4 s wave before the requests were undrafted."""
         if new_tokens is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
             return True
-        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
+        rate = self.calibrator.settled_first_rank_rate(sampled=all_sampled)
         if rate is None:
             return True
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, float(prompt_tokens)))
@@ -445,8 +446,9 @@ class CastProposer(EagleProposer):
 
     def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
         """The priced half of :meth:`speculation_hopeless`, computed afresh (greedy rate
-        unless every request samples)."""
-        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
+        unless every request samples; never hopeless before that rate spans
+        ``MIN_RATE_REQUESTS`` requests, vllm_cast.acceptance)."""
+        rate = self.calibrator.settled_first_rank_rate(sampled=all_sampled)
         if rate is None:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
