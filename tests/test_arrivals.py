@@ -56,6 +56,7 @@ def test_a_chunked_wave_is_undrafted_before_the_draft_reads_its_prompts(vanilla_
         return batch_size >= 8
 
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", hopeless_from_eight)
+    monkeypatch.setattr(runner.drafter, "prompt_pass_pays", lambda *args: True)  # this test is about the hopeless rule
     prompts = load_prompts("sum", limit=16)
     first_wave, second_wave = prompts[:8], prompts[8:]  # other prompts: no prefix cache hits
     assert greedy_token_ids(default_cast_llm, first_wave, 16) == greedy_token_ids(vanilla_llm, first_wave, 16)
@@ -81,7 +82,7 @@ def test_requests_whose_prompt_pass_cannot_pay_are_never_drafted(vanilla_llm, de
     from its first step (the draft never reads it) and output is vanilla's; a short prompt
     with 16 new tokens is drafted."""
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter.calibrator, "settled_first_rank_rate", lambda sampled: 0.5)
+    monkeypatch.setattr(runner.drafter.calibrator, "first_rank_rate", lambda sampled: 0.5)
     monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
     first_passes = []
     first_pass = runner.drafter._first_pass

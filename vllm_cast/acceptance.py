@@ -29,19 +29,15 @@ import torch
 
 from vllm_cast.batch_rows import python_list, row_numbers
 
-MIN_RATE_TRIALS = 32
-"""First-rank outcomes needed before :meth:`AcceptanceCalibrator.first_rank_rate` answers."""
 MIN_RATE_REQUESTS = 4
 """Finished requests whose own first-rank rates a mode's settled rate averages before
-verdicts that can never be revised rest on it (``AcceptanceCalibrator.settled_first_rank_rate``;
+verdicts that can never be revised rest on it (``AcceptanceCalibrator.first_rank_rate``;
 the last ``RECENT_REQUEST_RATES`` are kept): a request judged hopeless at that rate is never
 drafted, so the rate cannot learn from it. Pooled over outcomes, one greedy warm-up request
 (MT-Bench's first prompt: 64 outcomes at 0.57, where QA's requests read ~0.9) priced every
 chain at B=4 as hopeless, and the QA and GSM8K waves that followed at B=4 were never drafted."""
 RECENT_REQUEST_RATES = 8
 """Finished requests' rates kept per mode."""
-MIN_REQUEST_TRIALS = 8
-"""First-rank outcomes a finished request needs for its rate to count."""
 REQUEST_PRIOR_STRENGTH = 2.0
 """Expected first-rank acceptances a request's own record counts as before it moves its
 estimates halfway to what it measured. A request's first steps are drafted with the
@@ -102,8 +98,9 @@ class AcceptanceCalibrator:
         """Per request id: (first-rank children accepted, the shared table's expected count,
         first-rank outcomes, mode)."""
         self.finished_request_rates = [deque(maxlen=RECENT_REQUEST_RATES) for _ in range(self.MODES)]
-        """Per mode, the first-rank acceptance rates of the last finished requests (those with
-        ``MIN_REQUEST_TRIALS`` outcomes)."""
+        """Per mode, the first-rank acceptance rates of the last finished requests that had
+        first-rank outcomes (sampled requests are often undrafted after 1-3 of them: with 8
+        or more required, the sampled rate never formed in the grid's T=1 B=1 cells)."""
 
     def _cell(self, rank: int, prob: float) -> int:
         """The (sibling rank, probability bin) cell of one draft probability in a mode's
@@ -195,7 +192,7 @@ class AcceptanceCalibrator:
         if self.request_records.keys() <= kept:
             return
         for req_id, (hits, _, trials, mode) in self.request_records.items():
-            if req_id not in kept and trials >= MIN_REQUEST_TRIALS:
+            if req_id not in kept:
                 self.finished_request_rates[mode].append(hits / trials)
         self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
 
@@ -236,13 +233,6 @@ class AcceptanceCalibrator:
                                                       old_trials + owner_trials, mode)
 
     def first_rank_rate(self, sampled: bool) -> float | None:
-        """Acceptance rate of first-rank children over all probabilities seen in one mode,
-        or None before ``MIN_RATE_TRIALS`` outcomes."""
-        first_rank = slice(int(sampled) * self._cells_per_mode, int(sampled) * self._cells_per_mode + self._bins)
-        trials = sum(self._trials[first_rank])
-        return None if trials < MIN_RATE_TRIALS else sum(self._hits[first_rank]) / trials
-
-    def settled_first_rank_rate(self, sampled: bool) -> float | None:
         """The mean first-rank acceptance rate of one mode's last finished requests (each
         request's own, so a long one does not outweigh the rest), or None before
         ``MIN_RATE_REQUESTS`` have finished (recorded with their owners)."""

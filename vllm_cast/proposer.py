@@ -438,7 +438,7 @@ class CastProposer(EagleProposer):
         1.5-3.4 s wave before the requests were undrafted."""
         if new_tokens is None or self.cost_source is None or not self.cast_params.decline_unprofitable:
             return True
-        rate = self.calibrator.settled_first_rank_rate(sampled=all_sampled)
+        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
         if rate is None:
             return True
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, float(prompt_tokens)))
@@ -448,7 +448,7 @@ class CastProposer(EagleProposer):
         """The priced half of :meth:`speculation_hopeless`, computed afresh (greedy rate
         unless every request samples; never hopeless before that rate spans
         ``MIN_RATE_REQUESTS`` requests, vllm_cast.acceptance)."""
-        rate = self.calibrator.settled_first_rank_rate(sampled=all_sampled)
+        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
         if rate is None:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
