@@ -187,7 +187,8 @@ class AcceptanceCalibrator:
         return None if factors is None else np.array(factors)
 
     def retain(self, req_ids: list[str]) -> None:
-        """Forget the records of requests not in ``req_ids`` (finished or preempted)."""
+        """Forget the records of requests not in ``req_ids`` (finished or preempted), keeping
+        each one's first-rank rate for :meth:`first_rank_rate`."""
         kept = set(req_ids)
         if self.request_records.keys() <= kept:
             return
