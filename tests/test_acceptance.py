@@ -67,3 +67,29 @@ def test_each_request_is_scaled_by_its_own_first_rank_record():
     assert np.allclose(layer[:, :, 0], scaled[:2, None, 0]), "every parent's first child is scaled alike"
     calibrator.retain(["hard"])
     assert calibrator.estimator(np.zeros(1, dtype=bool), ["easy"])(probs[:1])[0, 0] == shared[0, 0]
+
+
+def test_a_request_keeps_separate_records_for_the_first_layer_and_below():
+    """A request whose first draft token is accepted on every step and whose second never
+    is (and one the other way round): its own first-layer estimate rises above the shared
+    table's and its deeper estimate falls below it; ``deep_scales`` reports the deeper
+    factor, capped at 1."""
+    calibrator = AcceptanceCalibrator()
+    steps = 24
+    owners = [0, 0, 1, 1] * steps
+    deep = [False, True, False, True] * steps
+    accepted = [True, False, False, True] * steps
+    calibrator.record([0.5] * len(owners), [0] * len(owners), accepted, [False] * len(owners), owners,
+                      owner_ids=["first_only", "deep_only"], deep=deep)
+    probs = np.array([[0.5, 0.1], [0.5, 0.1]])
+    shared = calibrator.estimator(np.zeros(2, dtype=bool))(probs)
+    estimate = calibrator.estimator(np.zeros(2, dtype=bool), ["first_only", "deep_only"])
+    first, below = estimate(probs), estimate(probs, deep=True)
+    assert first[0, 0] > shared[0, 0] + 0.2 and below[0, 0] < shared[0, 0] - 0.2
+    assert first[1, 0] < shared[1, 0] - 0.2 and below[1, 0] > shared[1, 0] + 0.2
+    rows = calibrator.row_estimator([False, False], ["first_only", "deep_only"])
+    assert np.allclose([rows(0, [0.5, 0.1], False), rows(0, [0.5, 0.1], True)], [first[0], below[0]])
+    scales = calibrator.deep_scales(["first_only", "deep_only", "new"])
+    assert scales[0] < 0.3 and scales[1] == scales[2] == 1.0
+    calibrator.retain([])
+    assert calibrator.finished_request_rates[0][0] == 0.5, "the rate counts both layers' first-rank outcomes"

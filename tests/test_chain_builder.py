@@ -53,14 +53,15 @@ def _draft(builder: CastTreeBuilder | CastChainBuilder, layers: list[np.ndarray]
 
 
 def _calibrator(rng: np.random.Generator) -> AcceptanceCalibrator:
-    """A calibrator with recorded outcomes for three requests (accepted about as often as
-    their draft probabilities say; their own records weighed against a prior of 8 expected
-    acceptances, so that these random outcomes leave the requests alike)."""
+    """A calibrator with recorded outcomes for three requests, at the root's children and
+    below (accepted about as often as their draft probabilities say; their own records
+    weighed against a prior of 8 expected acceptances, so that these random outcomes leave
+    the requests alike)."""
     calibrator = AcceptanceCalibrator(request_prior_strength=8.0)
     for _ in range(20):
         probs = rng.random(40)
         calibrator.record(probs, rng.integers(0, TOP_K, 40), rng.random(40) < probs, np.zeros(40, dtype=bool),
-                          rng.integers(0, BATCH, 40), ["a", "b", "c"])
+                          rng.integers(0, BATCH, 40), ["a", "b", "c"], deep=rng.random(40) < 0.5)
     return calibrator
 
 
@@ -80,7 +81,7 @@ def test_chain_steps_draft_and_verify_the_chains_the_tree_builder_chose(batch_ut
     params = dataclasses.replace(PARAMS, batch_utility=batch_utility)
     depths = set()
     for _ in range(20):
-        layers = _layers(rng, lowest_first=0.85)
+        layers = _layers(rng, lowest_first=0.7)
         tree_builder, chain_builder = _builders(calibrator, params)
         trees, chains = _draft(tree_builder, layers), _draft(chain_builder, layers)
         assert max(tree_builder.decision.widths) == 1 and all(tree.is_chain for tree in trees), "confident: chains"
@@ -148,3 +149,20 @@ def test_the_slowest_request_sets_the_depth_of_a_batch_tree():
         assert depths["mean", name, 0.95] == depths["slowest", name, 0.95] == LAYERS, depths
         assert depths["slowest", name, 0.6] < depths["mean", name, 0.6], depths
         assert depths["slowest", name, 0.6] == depths["slowest", "CastTreeBuilder", 0.6], depths
+
+
+def test_a_request_read_wrong_below_the_first_layer_keeps_the_batch_shallow():
+    """Depth rule with ``deep_scales``: every row's children look confident (0.95), but one
+    request's own record says its nodes below the root's children are rarely accepted, so
+    the slowest request's next layer is predicted at that scale and both builders stop
+    sooner than with no record; with the scale at 1 they draft as before."""
+    depths = {}
+    params = dataclasses.replace(PARAMS, acceptance_calibration=False)
+    for builder_type in (CastTreeBuilder, CastChainBuilder):
+        for scales in (None, [1.0] * BATCH, [1.0] * (BATCH - 1) + [0.1]):
+            builder = builder_type(params, COSTS, 16, deque([1.0], maxlen=4), first_pass_cost=0.3, deep_scales=scales)
+            _draft(builder, _two_request_layers(0.95))
+            depths[builder_type.__name__, None if scales is None else scales[-1]] = builder.decision.depth
+    for name in ("CastTreeBuilder", "CastChainBuilder"):
+        assert depths[name, None] == depths[name, 1.0] == LAYERS, depths
+        assert depths[name, 0.1] == 1, depths

@@ -15,7 +15,10 @@ accepted far more often than open chat at the same draft confidence, and a head 
 distributions shows no difference in its probabilities at all), so each request's
 first-rank estimates are scaled by its own record: its accepted first-rank children over
 the number the shared table expected of them, shrunk towards 1 by
-``REQUEST_PRIOR_STRENGTH`` expected acceptances."""
+``REQUEST_PRIOR_STRENGTH`` expected acceptances. The record is kept apart for the root's
+children and for deeper nodes (``DEPTH_CLASSES``): the root's child is drafted from the
+target's own hidden states, deeper ones from the draft's, and a request can be read right
+at the first and wrong below it every step (see ``DEPTH_CLASSES``)."""
 
 from __future__ import annotations
 
@@ -38,6 +41,12 @@ drafted, so the rate cannot learn from it. Pooled over outcomes, one greedy warm
 chain at B=4 as hopeless, and the QA and GSM8K waves that followed at B=4 were never drafted."""
 RECENT_REQUEST_RATES = 8
 """Finished requests' rates kept per mode."""
+DEPTH_CLASSES = 2
+"""Per-request records kept apart: 0 for the root's children, 1 for deeper nodes. Pooled,
+one greedy MT-Bench request whose first draft token was accepted on every step and its
+second on none was estimated at 0.6 for the first and 0.35 for the first two; at B=2 the
+batch's chains stayed 2 deep for it (each step 1.4 ms dearer than a 1-deep one, for no
+token) while it decoded the most tokens of its batch."""
 REQUEST_PRIOR_STRENGTH = 2.0
 """Expected first-rank acceptances a request's own record counts as before it moves its
 estimates halfway to what it measured. A request's first steps are drafted with the
@@ -69,6 +78,19 @@ def _rank_offset_tuple(children: int, ranks: int, bins: int) -> tuple[int, ...]:
     return tuple(_rank_offsets(children, ranks, bins).tolist())
 
 
+class _RequestRecord:
+    """One request's first-rank outcomes: accepted and expected (by the shared table) per
+    depth class ``[DEPTH_CLASSES]``, their number over all classes, and its mode."""
+
+    __slots__ = ("hits", "expected", "trials", "mode")
+
+    def __init__(self, mode: int) -> None:
+        self.hits = [0.0] * DEPTH_CLASSES
+        self.expected = [0.0] * DEPTH_CLASSES
+        self.trials = 0
+        self.mode = mode
+
+
 class AcceptanceCalibrator:
     """Acceptance estimates per (verification mode, sibling rank, probability bin). Modes:
     0 greedy, 1 sampled (acceptance under sampling is much lower for the same draft
@@ -94,9 +116,7 @@ class AcceptanceCalibrator:
         self._inner_edge_list = self._inner_edges.tolist()
         """The same boundaries as Python floats (the plain-Python paths bisect them)."""
         self.request_prior_strength = request_prior_strength
-        self.request_records: dict[str, tuple[float, float, int, int]] = {}
-        """Per request id: (first-rank children accepted, the shared table's expected count,
-        first-rank outcomes, mode)."""
+        self.request_records: dict[str, _RequestRecord] = {}
         self.finished_request_rates = [deque(maxlen=RECENT_REQUEST_RATES) for _ in range(self.MODES)]
         """Per mode, the first-rank acceptance rates of the last finished requests that had
         first-rank outcomes (sampled requests are often undrafted after 1-3 of them: with 8
@@ -118,33 +138,37 @@ class AcceptanceCalibrator:
         ``sampled`` ``[B]`` bool: whether each request verifies by sampling (else greedy)."""
         return self.estimator(sampled)(sorted_probs)
 
-    def estimator(self, sampled: np.ndarray, req_ids: list[str] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    def estimator(self, sampled: np.ndarray, req_ids: list[str] | None = None
+                  ) -> Callable[[np.ndarray, bool], np.ndarray]:
         """:meth:`__call__` for one step's batch: the per-request counts are looked up once
-        here and the returned map (numpy in and out; it runs once per tree layer on tiny
-        arrays) only bins the probabilities. ``req_ids`` ``[B]``: the batch's requests,
-        whose first-rank estimates are scaled by their own records (see module doc).
-        Outcomes recorded later are not seen by it."""
+        here and the returned map ``(sorted_probs, deep=False) -> estimates`` (numpy in and
+        out; it runs once per tree layer on tiny arrays) only bins the probabilities.
+        ``req_ids`` ``[B]``: the batch's requests, whose first-rank estimates are scaled by
+        their own records (see module doc), those of the root's children or, with ``deep``,
+        of deeper nodes. Outcomes recorded later are not seen by it."""
         modes = np.asarray(sampled).astype(np.int64)
         bins = self._bins
         hits, trials = self._tables(modes)
-        factors = self._request_factors(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
+        factor_list = self._request_factor_list(req_ids) if req_ids is not None and len(req_ids) == modes.size else None
+        factors = None if factor_list is None else np.array(factor_list)
 
-        def estimate(sorted_probs: np.ndarray) -> np.ndarray:
+        def estimate(sorted_probs: np.ndarray, deep: bool = False) -> np.ndarray:
             probs = np.asarray(sorted_probs, dtype=np.float64)
             cells = _rank_offsets(probs.shape[-1], self.ranks, bins) + np.searchsorted(
                 self._inner_edges, probs, side="right")
             rows = row_numbers(modes.size, probs.ndim)
             estimates = self._shrunk(hits[rows, cells], trials[rows, cells], probs)
             if factors is not None:
-                first = estimates[..., 0] * factors.reshape(-1, *([1] * (probs.ndim - 2)))
+                first = estimates[..., 0] * factors[:, int(deep)].reshape(-1, *([1] * (probs.ndim - 2)))
                 estimates[..., 0] = np.minimum(first, 1.0)
             return estimates
 
         return estimate
 
-    def row_estimator(self, sampled: Outcomes, req_ids: list[str] | None = None) -> Callable[[int, list[float]], list[float]]:
+    def row_estimator(self, sampled: Outcomes, req_ids: list[str] | None = None
+                      ) -> Callable[[int, list[float], bool], list[float]]:
         """:meth:`estimator` in plain Python, one request's siblings at a time: ``(batch row,
-        draft probabilities of sibling ranks 0, 1, ... as floats) -> their estimates``
+        draft probabilities of sibling ranks 0, 1, ... as floats, deep) -> their estimates``
         (``sampled`` ``[B]``: bools as a list, array or CPU tensor). The chain builder calls
         it once per request and layer right after a draft forward, where each numpy call on
         these few values costs several times its warm time (cold caches) and Python's float
@@ -155,13 +179,13 @@ class AcceptanceCalibrator:
                        else None)
         hits, trials, prior, edges = self._hits, self._trials, self.prior_strength, self._inner_edge_list
 
-        def estimate(row: int, probs: list[float]) -> list[float]:
+        def estimate(row: int, probs: list[float], deep: bool) -> list[float]:
             offsets = _rank_offset_tuple(len(probs), self.ranks, self._bins)
             start = mode_starts[row]
             estimates = [(hits[cell] + prior * prob) / (trials[cell] + prior) for cell, prob in zip(
                 [start + offset + bisect.bisect_right(edges, prob) for offset, prob in zip(offsets, probs)], probs)]
             if factor_list is not None:
-                estimates[0] = min(estimates[0] * factor_list[row], 1.0)
+                estimates[0] = min(estimates[0] * factor_list[row][deep], 1.0)
             return estimates
 
         return estimate
@@ -172,19 +196,23 @@ class AcceptanceCalibrator:
         Python floats)."""
         return (hits + self.prior_strength * probs) / (trials + self.prior_strength)
 
-    def _request_factor_list(self, req_ids: list[str]) -> list[float] | None:
-        """``[B]`` each request's accepted over expected first-rank children, shrunk
-        towards 1 (None when no request has a record)."""
+    def _request_factor_list(self, req_ids: list[str]) -> list[tuple[float, ...]] | None:
+        """``[B, DEPTH_CLASSES]`` each request's accepted over expected first-rank children
+        per depth class, shrunk towards 1 (None when no request has a record)."""
         records = [self.request_records.get(req_id) for req_id in req_ids]
         if not any(records):
             return None
         strength = self.request_prior_strength
-        return [1.0 if record is None else (record[0] + strength) / (record[1] + strength) for record in records]
+        return [(1.0,) * DEPTH_CLASSES if record is None else tuple(
+            (hits + strength) / (expected + strength) for hits, expected in zip(record.hits, record.expected))
+            for record in records]
 
-    def _request_factors(self, req_ids: list[str]) -> np.ndarray | None:
-        """:meth:`_request_factor_list` as an array."""
+    def deep_scales(self, req_ids: list[str]) -> list[float] | None:
+        """``[B]`` each request's factor on its deeper nodes (depth class 1, see
+        :meth:`_request_factor_list`), capped at 1: how much less than the shared table its
+        own record says they are accepted (None when no request has a record)."""
         factors = self._request_factor_list(req_ids)
-        return None if factors is None else np.array(factors)
+        return None if factors is None else [min(factor[1], 1.0) for factor in factors]
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget the records of requests not in ``req_ids`` (finished or preempted), keeping
@@ -192,46 +220,46 @@ class AcceptanceCalibrator:
         kept = set(req_ids)
         if self.request_records.keys() <= kept:
             return
-        for req_id, (hits, _, trials, mode) in self.request_records.items():
+        for req_id, record in self.request_records.items():
             if req_id not in kept:
-                self.finished_request_rates[mode].append(hits / trials)
+                self.finished_request_rates[record.mode].append(sum(record.hits) / record.trials)
         self.request_records = {r: record for r, record in self.request_records.items() if r in kept}
 
     def record(self, probs: Outcomes, ranks: Outcomes, accepted: Outcomes, sampled: Outcomes,
-               owners: Outcomes | None = None, owner_ids: list[str] | None = None) -> None:
+               owners: Outcomes | None = None, owner_ids: list[str] | None = None, deep: Outcomes | None = None) -> None:
         """Outcomes of nodes whose parent was accepted: draft probabilities ``[T]``, sibling
         ranks ``[T]``, whether the target accepted each ``[T]`` bool and whether its request
         verified by sampling ``[T]`` bool (lists, numpy arrays or CPU tensors); optionally
         each outcome's request as an index ``[T]`` into ``owner_ids`` (adds to that request's
-        record). In plain Python: a step records a few outcomes per request right after the
+        record) and whether each node lies below the root's children ``[T]`` bool (None: none
+        does). In plain Python: a step records a few outcomes per request right after the
         target forward, where numpy's first calls are slow (see :meth:`row_estimator`)."""
         probs, ranks, accepted, sampled = (python_list(column) for column in (probs, ranks, accepted, sampled))
         cells = [int(mode) * self._cells_per_mode + self._cell(rank, prob) for prob, rank, mode in zip(probs, ranks, sampled)]
         if owners is not None and owner_ids is not None:
-            self._add_to_request_records(cells, probs, accepted, ranks, python_list(owners), owner_ids)
+            depth_classes = [0] * len(cells) if deep is None else [int(flag) for flag in python_list(deep)]
+            self._add_to_request_records(cells, probs, accepted, ranks, depth_classes, python_list(owners), owner_ids)
         trials, hits = self._trials, self._hits
         for cell, outcome in zip(cells, accepted):
             trials[cell] += 1.0
             hits[cell] += float(outcome)
 
     def _add_to_request_records(self, cells: list[int], probs: list[float], accepted: list, ranks: list[int],
-                                owners: list[int], owner_ids: list[str]) -> None:
+                                depth_classes: list[int], owners: list[int], owner_ids: list[str]) -> None:
         """Add first-rank outcomes (table cells ``cells``, ``[T]`` like the other columns) to
-        their requests' records, each expected as the shared table estimates it before this
-        step's outcomes."""
+        their requests' records in their depth classes, each expected as the shared table
+        estimates it before this step's outcomes."""
         trials, hits = self._trials, self._hits
-        sums: dict[int, list[float]] = {}
-        for cell, prob, outcome, rank, owner in zip(cells, probs, accepted, ranks, owners):
+        records = self.request_records
+        for cell, prob, outcome, rank, depth_class, owner in zip(cells, probs, accepted, ranks, depth_classes, owners):
             if rank == 0:
-                expected = self._shrunk(hits[cell], trials[cell], prob)
-                owner_sums = sums.setdefault(owner, [0.0, 0.0, 0, cell // self._cells_per_mode])
-                owner_sums[0] += float(outcome)
-                owner_sums[1] += expected
-                owner_sums[2] += 1
-        for owner, (owner_hits, owner_expected, owner_trials, mode) in sums.items():
-            old_hits, old_expected, old_trials, _ = self.request_records.get(owner_ids[owner], (0.0, 0.0, 0, mode))
-            self.request_records[owner_ids[owner]] = (old_hits + owner_hits, old_expected + owner_expected,
-                                                      old_trials + owner_trials, mode)
+                req_id = owner_ids[owner]
+                record = records.get(req_id)
+                if record is None:
+                    record = records[req_id] = _RequestRecord(cell // self._cells_per_mode)
+                record.hits[depth_class] += float(outcome)
+                record.expected[depth_class] += self._shrunk(hits[cell], trials[cell], prob)
+                record.trials += 1
 
     def first_rank_rate(self, sampled: bool) -> float | None:
         """The mean first-rank acceptance rate of one mode's last finished requests (each

@@ -40,8 +40,9 @@ CHAIN_STEPS = 16
 """Steps drafted as chains after a tree step whose trees were all chains, before the tree
 builder decides again."""
 
-RowCalibration = Callable[[int, list[float]], list[float]]
-"""(batch row, draft probabilities of sibling ranks 0, 1, ...) -> acceptance estimates."""
+RowCalibration = Callable[[int, list[float], bool], list[float]]
+"""(batch row, draft probabilities of sibling ranks 0, 1, ..., whether they lie below the
+root's children) -> acceptance estimates."""
 
 
 class CastChainBuilder(LayerRules):
@@ -50,10 +51,11 @@ class CastChainBuilder(LayerRules):
     ``node_top_k``, ``D`` layers so far."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 calibrate_row: RowCalibration | None = None, first_pass_cost: float = 0.0) -> None:
+                 calibrate_row: RowCalibration | None = None, first_pass_cost: float = 0.0,
+                 deep_scales: list[float] | None = None) -> None:
         """``calibrate_row``: one request's sibling probabilities -> acceptance estimates
         (None: the probabilities themselves); other arguments as :class:`LayerRules`'."""
-        super().__init__(params, costs, max_nodes, ratio_history, first_pass_cost)
+        super().__init__(params, costs, max_nodes, ratio_history, first_pass_cost, deep_scales)
         if self.per_request:
             raise ValueError("chains are drafted with decision_scope 'batch' only")
         self.calibrate_row = calibrate_row
@@ -93,7 +95,7 @@ class CastChainBuilder(LayerRules):
         sorted_children = []
         for row, (row_probs, row_tokens) in enumerate(zip(probs, tokens)):
             parent = self.node_values[row][-1] if layer else 1.0
-            factors = row_probs if self.calibrate_row is None else self.calibrate_row(row, row_probs)
+            factors = row_probs if self.calibrate_row is None else self.calibrate_row(row, row_probs, layer > 0)
             values = [parent * factor for factor in factors]
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable: ties by rank
             best = order[0]
@@ -112,7 +114,10 @@ class CastChainBuilder(LayerRules):
             self.wanted_width = True
         slowest = self.params.batch_utility == "slowest" and counted[0] > 0
         depth_utility = min(row[0] for row in sorted_children) if slowest else breadth_utility[1]
-        if not self._keeps_drafting(1, depth_utility):
+        next_base = None
+        if slowest and self.deep_scales is not None:
+            next_base = min(row[0] * scale for row, scale in zip(sorted_children, self.deep_scales))
+        if not self._keeps_drafting(1, depth_utility, next_base):
             return None
         self._frontier.tokens[:, 0] = [row_tokens[-1] for row_tokens in self.node_tokens]
         return self._frontier

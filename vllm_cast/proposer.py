@@ -282,14 +282,17 @@ class CastProposer(EagleProposer):
         chain_step = self.chain_steps_left > 0
         first_pass_cost = pricing.first_pass_seconds(costs, first_pass_rows) / costs.plain_step_seconds
         calibrated = self.cast_params.acceptance_calibration
+        deep_scales = self.calibrator.deep_scales(self.batch_req_ids) if calibrated else None
         if chain_step:
             builder = CastChainBuilder(
                 self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
-                calibrate_row=self.calibrator.row_estimator(sampled, self.batch_req_ids) if calibrated else None)
+                calibrate_row=self.calibrator.row_estimator(sampled, self.batch_req_ids) if calibrated else None,
+                deep_scales=deep_scales)
         else:
             builder = CastTreeBuilder(
                 self.cast_params, costs, self.max_nodes, self.ratio_history, first_pass_cost=first_pass_cost,
-                calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids) if calibrated else None)
+                calibrate=self.calibrator.estimator(sampled.numpy(), self.batch_req_ids) if calibrated else None,
+                deep_scales=deep_scales)
         frontier = builder.start_top(*self._top_children(normed))
         self.last_root_candidates = builder.root_candidates
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
@@ -356,7 +359,8 @@ class CastProposer(EagleProposer):
             chain_tokens.append(tokens[0, 0])
         layer_seconds = time.perf_counter() - loop_started
         node_probs, node_tokens = np.array(chain_probs)[None], np.array(chain_tokens)[None]
-        estimates = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)(node_probs[:, :, None])
+        estimate = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
+        estimates = np.concatenate([estimate(node_probs[:, :1, None]), estimate(node_probs[:, 1:, None], deep=True)], 1)
         self.last_trees = FlatTree.chains(next_token_ids.long().cpu().tolist(), node_tokens.tolist(),
                                           np.cumprod(estimates.reshape(1, depth), axis=1).tolist(),
                                           node_probs.tolist(), np.zeros_like(node_tokens).tolist(), [depth])

@@ -406,7 +406,7 @@ class CastRunnerMixin:
             return
         candidate_tokens, candidate_probs, sampled = root_tokens.tolist(), root_probs.tolist(), self._sampled.tolist()
         candidates = len(candidate_tokens[0])
-        probs, ranks, accepted, modes, owners = [], [], [], [], []
+        probs, ranks, accepted, modes, owners, deep = [], [], [], [], [], []
         for index, row in rows:
             first_token = self._verdicts.tokens[index][0]
             probs += candidate_probs[row]
@@ -414,6 +414,7 @@ class CastRunnerMixin:
             accepted += [token == first_token for token in candidate_tokens[row]]
             modes += [sampled[index]] * candidates
             owners += [index] * candidates
+            deep += [False] * candidates
             tree = self._step_trees[index]
             if tree is None or tree.draft_probs is None or len(tree) <= 2:
                 continue  # no node below the first layer
@@ -426,7 +427,8 @@ class CastRunnerMixin:
                     accepted.append(node in on_path)
                     modes.append(sampled[index])
                     owners.append(index)
-        self.drafter.calibrator.record(probs, ranks, accepted, modes, owners, owner_ids=current_ids)
+                    deep.append(True)
+        self.drafter.calibrator.record(probs, ranks, accepted, modes, owners, owner_ids=current_ids, deep=deep)
 
     def _request_flags(self) -> tuple[list[bool], torch.Tensor]:
         """Per batch row: may this request take drafts (see tree_sampler), and does it

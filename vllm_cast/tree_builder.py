@@ -126,10 +126,13 @@ class LayerRules:
     step's decision so far."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 first_pass_cost: float = 0.0) -> None:
+                 first_pass_cost: float = 0.0, deep_scales: list[float] | None = None) -> None:
         """``first_pass_cost``: the step's first draft pass in plain-step units (priced into
-        the "auto" depth threshold's step cost)."""
+        the "auto" depth threshold's step cost); ``deep_scales`` ``[B]``: per request, the
+        factor (at most 1) its own record puts on the acceptance of its nodes below the
+        root's children (``AcceptanceCalibrator.deep_scales``; None: 1 for every request)."""
         self.params = params
+        self.deep_scales = deep_scales
         self.k = params.node_top_k
         self.per_request = params.decision_scope == "request"
         self.max_nodes = max_nodes
@@ -160,9 +163,11 @@ class LayerRules:
         """Plain-step units of the draft passes run so far (first pass + forwarded layers)."""
         self.decision = StepDecision()
 
-    def _keeps_drafting(self, width: int, kept_utility: float) -> bool:
+    def _keeps_drafting(self, width: int, kept_utility: float, next_base: float | None = None) -> bool:
         """Record a layer kept ``width`` nodes wide with batch-mean utility ``kept_utility``
-        (expected tokens) and apply depth pruning: whether another layer is drafted."""
+        (expected tokens) and apply depth pruning: whether another layer is drafted (its
+        utility predicted as the history's mean ratio times ``next_base``, by default
+        ``kept_utility``)."""
         self.decision.widths.append(width)
         if self.prev_utility > 0:
             self.ratios.append(kept_utility / self.prev_utility)
@@ -171,7 +176,8 @@ class LayerRules:
         self.expected_tokens += kept_utility
         if len(self.decision.widths) >= self.params.max_depth:
             return False
-        if alpha * kept_utility < self._depth_threshold() * self.breadth_cost[width]:
+        base = kept_utility if next_base is None else next_base
+        if alpha * base < self._depth_threshold() * self.breadth_cost[width]:
             return False
         self.drafting_cost += self.breadth_cost[width]
         return True
@@ -194,10 +200,12 @@ class CastTreeBuilder(LayerRules):
     dominates at these sizes); only the top-K over the vocabulary runs in torch."""
 
     def __init__(self, params: CastParams, costs: StepCosts, max_nodes: int, ratio_history: deque | None = None,
-                 calibrate: Callable[[np.ndarray], np.ndarray] | None = None, first_pass_cost: float = 0.0) -> None:
-        """``calibrate``: draft probabilities ``[..., K]`` -> acceptance estimates (None: the
-        probabilities themselves); other arguments as :class:`LayerRules`'."""
-        super().__init__(params, costs, max_nodes, ratio_history, first_pass_cost)
+                 calibrate: Callable[[np.ndarray, bool], np.ndarray] | None = None, first_pass_cost: float = 0.0,
+                 deep_scales: list[float] | None = None) -> None:
+        """``calibrate``: (draft probabilities ``[..., K]``, whether they lie below the root's
+        children) -> acceptance estimates (None: the probabilities themselves); other
+        arguments as :class:`LayerRules`'."""
+        super().__init__(params, costs, max_nodes, ratio_history, first_pass_cost, deep_scales)
         self.pool_tokens: list[np.ndarray] = []
         self.pool_parents: list[np.ndarray] = []
         self.pool_draft_probs: list[np.ndarray] = []
@@ -218,9 +226,10 @@ class CastTreeBuilder(LayerRules):
     def _child_factors(self, probs: np.ndarray) -> np.ndarray:
         """The factor each top-K child ``[..., K]`` multiplies its parent's value by (its
         draft probability, or that probability's calibration); records the raw draft
-        probabilities for the pool."""
+        probabilities for the pool (the first layer's are the root's children)."""
+        deep = bool(self.pool_draft_probs)
         self.pool_draft_probs.append(probs.reshape(probs.shape[0], -1))
-        return probs if self.calibrate is None else self.calibrate(probs)
+        return probs if self.calibrate is None else self.calibrate(probs, deep)
 
     def _add_candidates(self, tokens: np.ndarray, values: np.ndarray, parents: np.ndarray) -> int:
         """Append candidates ``[B, C]`` to the pool; return the pool index of the first
@@ -252,8 +261,15 @@ class CastTreeBuilder(LayerRules):
             width = select_max_valid_index(batch_utility, cost, self.params.breadth_threshold, base=1)
             widths = None
         slowest = self.params.batch_utility == "slowest" and not self.per_request
-        depth_utility = float(top_counted[:, :width].sum(1).min()) if slowest else batch_utility[width]
-        if not self._keeps_drafting(width, depth_utility):
+        next_base = None
+        if slowest:
+            row_utility = top_counted[:, :width].sum(1)
+            depth_utility = float(row_utility.min())
+            if self.deep_scales is not None:
+                next_base = float((row_utility * np.asarray(self.deep_scales)).min())
+        else:
+            depth_utility = batch_utility[width]
+        if not self._keeps_drafting(width, depth_utility, next_base):
             return None
         keep = order[:, :width]
         kept_values = _gather(values, keep)  # values are >= 0: a 0 is padding
