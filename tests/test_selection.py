@@ -89,7 +89,7 @@ def test_theorem_4_1_reproduces_eagle2_tree(top_k, depth, total_tokens):
     expand_all_layers(builder, [draft], before_expand)
     pool = torch.from_numpy(builder.pool_value_array)[0].sort(descending=True).values
     builder.params = dataclasses.replace(builder.params, verify_threshold=float(pool[total_tokens - 2]) / lam_t)
-    tree = builder.finish(torch.zeros(1, dtype=torch.int64))[0]
+    tree = builder.finish([0])[0]
     ours = [tuple(int(tree.tokens[i]) for i in path_to(tree.parents, node)[1:]) for node in range(1, len(tree))]
     assert builder.decision.widths == [top_k] * (depth + 1)
     assert ours == eagle2_tree(draft, top_k, depth, total_tokens)

@@ -110,7 +110,7 @@ def _verified(chain_slope: float) -> tuple[int, bool]:
     frontier = builder.start(probs)
     while frontier is not None:
         frontier = builder.expand(probs.expand(frontier.width, -1)[None])
-    trees = builder.finish(torch.zeros(1, dtype=torch.int64))
+    trees = builder.finish([0])
     return len(trees[0]) - 1, trees[0].is_chain
 
 

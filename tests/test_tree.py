@@ -86,7 +86,7 @@ def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_
     drafts = [synthetic_draft(vocab=16, seed=b) for b in range(batch)]
     builder = CastTreeBuilder(params, costs, max_nodes, deque([1.0], maxlen=params.ratio_buffer_size))
     expand_all_layers(builder, drafts)
-    trees = builder.finish(torch.arange(batch))
+    trees = builder.finish(list(range(batch)))
     assert 1 <= builder.decision.depth <= max_depth
     assert all(1 <= w <= top_k for w in builder.decision.widths)
     for b, tree in enumerate(trees):

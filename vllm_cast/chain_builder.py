@@ -28,12 +28,11 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.selection import select_max_valid_index
-from vllm_cast.tree import FlatTree
+from vllm_cast.tree import DraftChain
 from vllm_cast.tree_builder import Frontier, LayerRules
 
 CHAIN_STEPS = 16
@@ -78,8 +77,6 @@ class CastChainBuilder(LayerRules):
         batch = probs.shape[0]
         for per_request in (self.node_values, self.node_probs, self.node_tokens, self.node_ranks):
             per_request.extend([] for _ in range(batch))
-        self._frontier = Frontier(tokens=np.empty((batch, 1), dtype=np.int64), parent_slot=np.zeros((batch, 1), dtype=np.int64),
-                                  valid=np.ones((batch, 1), dtype=bool), pool_index=np.zeros((batch, 1), dtype=np.int64))
         return self._extend(probs.tolist(), tokens.tolist())
 
     def expand_top(self, probs: np.ndarray, tokens: np.ndarray) -> Frontier | None:
@@ -119,6 +116,11 @@ class CastChainBuilder(LayerRules):
             next_base = min(row[0] * scale for row, scale in zip(sorted_children, self.deep_scales))
         if not self._keeps_drafting(1, depth_utility, next_base):
             return None
+        if self._frontier is None:  # built once a second layer is drafted (a 1-deep step needs none)
+            batch = len(self.node_tokens)
+            self._frontier = Frontier(tokens=np.empty((batch, 1), dtype=np.int64),
+                                      parent_slot=np.zeros((batch, 1), dtype=np.int64),
+                                      valid=np.ones((batch, 1), dtype=bool), pool_index=np.zeros((batch, 1), dtype=np.int64))
         self._frontier.tokens[:, 0] = [row_tokens[-1] for row_tokens in self.node_tokens]
         return self._frontier
 
@@ -148,14 +150,14 @@ class CastChainBuilder(LayerRules):
         return select_max_valid_index(self.chain_utility[: layers + 1], self.chain_verify_cost[: layers + 1],
                                       self.params.verify_threshold)
 
-    def finish(self, root_tokens: torch.Tensor, max_nodes_per_request: torch.Tensor | None = None) -> list[FlatTree]:
+    def finish(self, root_tokens: list[int], max_nodes_per_request: list[int] | None = None) -> list[DraftChain]:
         """The verified chains, one per request (root first); arguments as the tree builder's."""
         count = self._verify_count()
         caps = [count] * len(self.node_values) if max_nodes_per_request is None else [
-            min(count, max(cap, 0)) for cap in max_nodes_per_request.tolist()]
+            min(count, max(cap, 0)) for cap in max_nodes_per_request]
         counts = [sum(1 for value in values[:cap] if value > 0) for values, cap in zip(self.node_values, caps)]
-        trees = FlatTree.chains(root_tokens.tolist(), self.node_tokens, self.node_values, self.node_probs,
-                                self.node_ranks, counts)
+        trees = DraftChain.batch(root_tokens, self.node_tokens, self.node_values, self.node_probs, self.node_ranks,
+                                 counts)
         self.decision.verified.extend(counts)
         self.decision.expected_accepted = sum(sum(values[:n]) for values, n in zip(self.node_values, counts)) / len(counts)
         return trees

@@ -95,6 +95,6 @@ def cast_tree(draft: DraftFn, costs: StepCosts, params: CastParams, max_nodes: i
     """Run :class:`CastTreeBuilder` on ``draft`` and score the tree it verifies."""
     builder = CastTreeBuilder(params, costs, max_nodes, deque([1.0], maxlen=params.ratio_buffer_size))
     expand_all_layers(builder, [draft])
-    tree = builder.finish(torch.zeros(1, dtype=torch.int64))[0]
+    tree = builder.finish([0])[0]
     expanded = tuple(builder.decision.widths[:-1])  # the last pruned layer is not expanded
     return score(candidate_pool(draft, params.node_top_k, expanded), expanded, len(tree) - 1, costs)

@@ -36,7 +36,7 @@ from vllm_cast.first_pass_rows import drafted_rows_only
 from vllm_cast.solo_probes import SoloProbes
 from vllm_cast.step_overheads import StepOverheads, batch_bucket
 from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
-from vllm_cast.tree import FlatTree
+from vllm_cast.tree import DraftChain, DraftTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
 
 PROBE_INTERVAL_STEPS = 64
@@ -156,7 +156,7 @@ class CastProposer(EagleProposer):
         self.chain_steps_left = 0
         """Steps still to draft as chains before the tree builder decides again (see
         ``_plan_next_builder``)."""
-        self.last_trees: list[FlatTree] = []
+        self.last_trees: list[DraftTree] = []
         self.last_decision: StepDecision | None = None
         self.last_root_candidates: tuple[np.ndarray, np.ndarray] | None = None
         """Each request's top-K first draft tokens and their probabilities ``[B, K]``: the
@@ -309,7 +309,7 @@ class CastProposer(EagleProposer):
             probs, tokens = self._top_children(normed)
             frontier = builder.expand_top(probs.reshape(batch, frontier.width, -1), tokens.reshape(batch, frontier.width, -1))
         layer_seconds = time.perf_counter() - loop_started
-        self.last_trees = builder.finish(next_token_ids.long().cpu(), torch.tensor(caps))
+        self.last_trees = builder.finish(next_token_ids.tolist(), caps)
         self.last_decision = builder.decision
         self.last_decision.measured_layer_seconds = layer_seconds
         self.last_decision.chain_step = chain_step
@@ -361,10 +361,10 @@ class CastProposer(EagleProposer):
         node_probs, node_tokens = np.array(chain_probs)[None], np.array(chain_tokens)[None]
         estimate = self.calibrator.estimator(sampled.numpy(), self.batch_req_ids)
         estimates = np.concatenate([estimate(node_probs[:, :1, None]), estimate(node_probs[:, 1:, None], deep=True)], 1)
-        self.last_trees = FlatTree.chains(next_token_ids.long().cpu().tolist(), node_tokens.tolist(),
-                                          np.cumprod(estimates.reshape(1, depth), axis=1).tolist(),
-                                          node_probs.tolist(), np.zeros_like(node_tokens).tolist(), [depth])
-        expected_accepted = float(self.last_trees[0].values[1:].sum())
+        self.last_trees = DraftChain.batch(next_token_ids.tolist(), node_tokens.tolist(),
+                                           np.cumprod(estimates.reshape(1, depth), axis=1).tolist(),
+                                           node_probs.tolist(), np.zeros_like(node_tokens).tolist(), [depth])
+        expected_accepted = sum(self.last_trees[0].values[1:])
         self.last_decision = StepDecision(widths=[1] * depth, verified=[depth], expected_accepted=expected_accepted,
                                           measured_layer_seconds=layer_seconds)
         return [1] * (depth - 1)

@@ -33,7 +33,7 @@ from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.step_overheads import AFTER_PROMPT_STEPS
 from vllm_cast.stats import CastStats
-from vllm_cast.tree import FlatTree, ancestor_mask, depths
+from vllm_cast.tree import DraftTree, ancestor_mask, depths
 from vllm_cast.tree_builder import StepDecision
 from vllm_cast.tree_sampler import GREEDY_EPS, TreeVerdicts, needs_logits_processing, verify_trees
 
@@ -55,8 +55,8 @@ class CastRunnerMixin:
     def __init__(self, *args, **kwargs) -> None:
         with _eagle_proposer_is_cast():
             super().__init__(*args, **kwargs)
-        self.cast_trees: dict[str, FlatTree] = {}
-        self._step_trees: list[FlatTree | None] = []
+        self.cast_trees: dict[str, DraftTree] = {}
+        self._step_trees: list[DraftTree | None] = []
         self._plain: list[bool] = []
         self._sampled = torch.zeros(0, dtype=torch.bool)
         self._all_sampled = False
@@ -378,7 +378,7 @@ class CastRunnerMixin:
                                             and not any(spec_decode_metadata.num_draft_tokens)):
             return super()._sample(logits, None)  # nothing drafted, nothing to learn: vLLM's sampler
         self.input_batch.update_async_output_token_ids()
-        parents = [None if tree is None else tree.parents.tolist() for tree in self._step_trees]
+        parents = [None if tree is None or tree.is_chain else tree.parent_list() for tree in self._step_trees]
         output, self._verdicts = verify_trees(
             logits, spec_decode_metadata, parents, self._plain,
             self.input_batch.sampling_metadata, self.sampler)
@@ -416,11 +416,11 @@ class CastRunnerMixin:
             owners += [index] * candidates
             deep += [False] * candidates
             tree = self._step_trees[index]
-            if tree is None or tree.draft_probs is None or len(tree) <= 2:
+            nodes = None if tree is None or len(tree) <= 2 else tree.calibration_nodes()
+            if nodes is None:
                 continue  # no node below the first layer
             on_path = {0, *self._verdicts.paths[index]}
-            for node, (parent, prob, rank) in enumerate(zip(tree.parents.tolist(), tree.draft_probs.tolist(),
-                                                            tree.ranks.tolist())):
+            for node, (parent, prob, rank) in enumerate(zip(*nodes)):
                 if parent > 0 and parent in on_path:
                     probs.append(prob)
                     ranks.append(rank)

@@ -9,7 +9,6 @@ parent ``-1`` past each tree's length.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,27 +43,6 @@ class FlatTree:
         return FlatTree(self.tokens[:length], self.parents[:length], self.values[:length],
                         cut(self.draft_probs), cut(self.ranks), chain=True if self.chain else None)
 
-    @classmethod
-    def chains(cls, root_tokens: list[int], tokens: list[list[int]], values: list[list[float]],
-               draft_probs: list[list[float]], ranks: list[list[int]], lengths: list[int]) -> list[FlatTree]:
-        """One chain below each request's root token ``[B]``: its nodes' tokens, path
-        values, draft probabilities and sibling ranks ``[B, D]`` each (Python lists), in
-        depth order, every node its predecessor's child; request ``b`` keeps its first
-        ``lengths[b]`` nodes. Built from the lists in one ``torch.tensor`` per column
-        (through numpy, with a slice per row and column, it took ~40 us at B=4)."""
-        batch = len(lengths)
-        columns = [torch.tensor([[root, *row] for root, row in zip(roots, rows)], dtype=dtype) for roots, rows, dtype in (
-            (root_tokens, tokens, torch.int64), ([1.0] * batch, values, torch.float32),
-            ([1.0] * batch, draft_probs, torch.float32), ([0] * batch, ranks, torch.int64))]
-        parents = chain_parents(columns[0].shape[1])
-        if lengths and min(lengths) == max(lengths):  # one unbind per column instead of a slice per row
-            n = lengths[0] + 1
-            return [cls(row_tokens, parents[:n], row_values, row_probs, row_ranks, chain=True)
-                    for row_tokens, row_values, row_probs, row_ranks in zip(*(column[:, :n].unbind(0)
-                                                                              for column in columns))]
-        return [cls(columns[0][row, : n + 1], parents[: n + 1], columns[1][row, : n + 1], columns[2][row, : n + 1],
-                    columns[3][row, : n + 1], chain=True) for row, n in enumerate(lengths)]
-
     @property
     def is_chain(self) -> bool:
         """Whether every node's parent is the node before it (causal attention verifies it)."""
@@ -77,12 +55,72 @@ class FlatTree:
         """Tokens of the non-root nodes in order: what vLLM receives as draft tokens."""
         return self.tokens[1:].tolist()
 
+    def parent_list(self) -> list[int]:
+        """``parents`` as a list."""
+        return self.parents.tolist()
 
-@functools.lru_cache(maxsize=64)
-def chain_parents(nodes: int) -> torch.Tensor:
-    """Parents ``[nodes]`` of a chain (-1, 0, 1, ...), shared by every chain of that many
-    nodes (trees never modify their parents; a new ``arange`` took ~10 us a step)."""
-    return torch.arange(-1, nodes - 1)
+    def calibration_nodes(self) -> tuple[list[int], list[float], list[int]] | None:
+        """Each node's parent, draft probability and sibling rank (lists ``[N]``), or None
+        for a tree built without them."""
+        if self.draft_probs is None or self.ranks is None:
+            return None
+        return self.parents.tolist(), self.draft_probs.tolist(), self.ranks.tolist()
+
+
+@dataclass
+class DraftChain:
+    """One request's chain (every node the previous one's child) as Python lists, root
+    first: tokens ``[N]``, path values ``[N]`` (root 1), each node's draft probability
+    (root 1) and sibling rank (root 0) ``[N]``. Chain steps return these in place of
+    :class:`FlatTree` (read the same way: ``len``, ``prefix``, ``is_chain``,
+    ``draft_tokens``, ``parent_list``, ``calibration_nodes``): the chain builder holds lists,
+    and as tensors its chains took ~40 us a step at greedy B=4, then were read back as
+    lists by every consumer."""
+
+    tokens: list[int]
+    values: list[float]
+    draft_probs: list[float]
+    ranks: list[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def batch(cls, root_tokens: list[int], tokens: list[list[int]], values: list[list[float]],
+              draft_probs: list[list[float]], ranks: list[list[int]], lengths: list[int]) -> list[DraftChain]:
+        """One chain below each request's root token ``[B]`` from its nodes' tokens, path
+        values, draft probabilities and sibling ranks ``[B, D]`` each, in depth order;
+        request ``b`` keeps its first ``lengths[b]`` nodes."""
+        return [cls([root, *row_tokens[:n]], [1.0, *row_values[:n]], [1.0, *row_probs[:n]], [0, *row_ranks[:n]])
+                for root, row_tokens, row_values, row_probs, row_ranks, n
+                in zip(root_tokens, tokens, values, draft_probs, ranks, lengths)]
+
+    def prefix(self, length: int) -> DraftChain:
+        """The first ``length`` nodes."""
+        if length >= len(self):
+            return self
+        return DraftChain(self.tokens[:length], self.values[:length], self.draft_probs[:length], self.ranks[:length])
+
+    @property
+    def is_chain(self) -> bool:
+        return True
+
+    @property
+    def draft_tokens(self) -> list[int]:
+        """Tokens of the non-root nodes in order: what vLLM receives as draft tokens."""
+        return self.tokens[1:]
+
+    def parent_list(self) -> list[int]:
+        """Parents ``[N]``: -1, 0, 1, ..."""
+        return list(range(-1, len(self.tokens) - 1))
+
+    def calibration_nodes(self) -> tuple[list[int], list[float], list[int]]:
+        """Each node's parent, draft probability and sibling rank (lists ``[N]``)."""
+        return self.parent_list(), self.draft_probs, self.ranks
+
+
+DraftTree = FlatTree | DraftChain
+"""What a drafting step hands the runner per request."""
 
 
 def with_root(root_value, columns: np.ndarray, dtype) -> torch.Tensor:

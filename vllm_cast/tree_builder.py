@@ -354,7 +354,7 @@ class CastTreeBuilder(LayerRules):
         first = self._add_candidates(tokens, values, np.repeat(self.frontier.pool_index, self.k, axis=1))
         return self._prune_and_continue(tokens, values, first, siblings=self.k)
 
-    def finish(self, root_tokens: torch.Tensor, max_nodes_per_request: torch.Tensor | None = None) -> list[FlatTree]:
+    def finish(self, root_tokens: list[int], max_nodes_per_request: list[int] | None = None) -> list[FlatTree]:
         """Dynamic reranking: the verified trees, one per request (root first).
 
         root_tokens ``[B]``: each request's last verified token. max_nodes_per_request
