@@ -79,6 +79,20 @@ def test_a_re_probe_is_as_deep_as_the_requests_own_probes_were_accepted_plus_hea
     assert "hard" not in solo.request_runs, "finished requests are forgotten"
 
 
+def test_a_request_left_alone_is_probed_as_deep_as_its_batched_steps_were_accepted():
+    """A request whose drafts were accepted one deep on every step while it decoded in a
+    batch is probed 1 + headroom deep once the rest of its batch has finished, where a
+    request with no runs of its own goes by its mode's recent probes."""
+    solo = SoloProbes()
+    _probe_and_measure(solo, "paying", 7, 0.020)
+    for _ in range(10):
+        solo.note_runs(["straggler", "finished"], [1, 6])
+    assert solo.probe_depth("straggler", False, 6) == 1 + PROBE_DEPTH_HEADROOM
+    assert solo.probe_depth("new", False, 6) == 6
+    solo.retain(["straggler"])
+    assert set(solo.request_runs) == {"straggler"}, "requests that never probed are forgotten too"
+
+
 def _wait_until_probed(solo: SoloProbes, req_id: str) -> int:
     """Steps the request, measured slower, waits before it wants a probe again."""
     waited = 0

@@ -404,6 +404,9 @@ class CastRunnerMixin:
                 if req_id in drafted_row and req_id not in self._undrafted and not self.discard_request_mask.np[index]]
         if not rows:
             return
+        if len(current_ids) > 1:  # a solo request's probes note their own runs (vllm_cast.solo_probes)
+            self.drafter.solo.note_runs([current_ids[index] for index, _ in rows],
+                                        [len(self._verdicts.paths[index]) for index, _ in rows])
         candidate_tokens, candidate_probs, sampled = root_tokens.tolist(), root_probs.tolist(), self._sampled.tolist()
         candidates = len(candidate_tokens[0])
         probs, ranks, accepted, modes, owners, deep = [], [], [], [], [], []

@@ -23,10 +23,13 @@ A probe is as deep as the longest run of drafts the recent probes of its verific
 had accepted, plus ``PROBE_DEPTH_HEADROOM`` (as deep as allowed before any): a probe that
 cannot be accepted costs its layers for nothing (sampled verification with this head
 accepted none, and its six-node probes cost each request ~20 ms of ~150), and one accepted
-whole lets the next probes grow. A re-probe is as deep as the longest run the request's own
-probes had accepted, plus the same headroom: at full depth, the re-probes of a greedy
-MT-Bench request whose probes were accepted one or two tokens deep cost it 48 ms for 8
-tokens (two re-probes of three steps), where plain decoding takes 20 ms.
+whole lets the next probes grow. A request with runs of its own (its earlier probes, or
+steps it drafted in a batch of several: ``note_runs``) is probed as deep as the longest of
+them, plus the same headroom: at full depth, the re-probes of a greedy MT-Bench request whose probes were
+accepted one or two tokens deep cost it 48 ms for 8 tokens (two re-probes of three steps),
+where plain decoding takes 20 ms; and a request left alone when the rest of its batch
+finished was probed 6 deep at 7-9 ms a step for 1-2 tokens, its drafts in the batch having
+been accepted one deep on every step.
 
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
@@ -76,7 +79,8 @@ class SoloProbes:
             mode: deque(maxlen=PROBE_OUTCOMES * PROBE_STEPS) for mode in (False, True)}
         """Per mode: draft tokens the recent probes accepted, one entry per probe."""
         self.request_runs: dict[str, int] = {}
-        """Per probed request: the most draft tokens one of its probes had accepted."""
+        """Per request: the most draft tokens it had accepted on one of its probes or on a
+        step it drafted in a batch (``note_runs``)."""
         self.joined: deque[bool] = deque(maxlen=COMPANY_OUTCOMES)
         """Per recent lone arrival: whether other requests joined it at its next step."""
         self.steps_until_reprobe: dict[str, int] = {}
@@ -104,9 +108,18 @@ class SoloProbes:
     def drafted_probe(self, req_id: str) -> None:
         self.probes_drafted[req_id] += 1
 
+    def note_runs(self, req_ids: list[str], accepted: list[int]) -> None:
+        """Draft tokens each of ``req_ids`` accepted on one step (``[B]``): on its probes,
+        or on a step it drafted in a batch of several. Its later probes go by the longest
+        (see module doc)."""
+        runs = self.request_runs
+        for req_id, run in zip(req_ids, accepted):
+            if run > runs.get(req_id, -1):
+                runs[req_id] = run
+
     def probe_depth(self, req_id: str, all_sampled: bool, deepest: int) -> int:
         """Draft nodes of the request's next probe in this mode, at most ``deepest`` (see
-        module doc: a re-probe goes by the request's own probes)."""
+        module doc: a request with runs of its own goes by them)."""
         own_run = self.request_runs.get(req_id)
         runs = self.accepted_runs[all_sampled] if own_run is None else [own_run]
         return deepest if not runs else min(deepest, max(runs) + PROBE_DEPTH_HEADROOM)
@@ -128,7 +141,7 @@ class SoloProbes:
         self.steps.add(req_id, (earlier_tokens + tokens, earlier_seconds + seconds))
         if len(self.steps.windows[req_id]) <= PROBE_STEPS:
             self.accepted_runs[all_sampled].append(tokens - 1)
-            self.request_runs[req_id] = max(self.request_runs.get(req_id, 0), tokens - 1)
+            self.note_runs([req_id], [tokens - 1])
         if len(self.steps.windows[req_id]) == PROBE_STEPS:
             self.paid[all_sampled].append(not self.slower(req_id, plain_rate))
 
@@ -168,10 +181,12 @@ class SoloProbes:
 
     def retain(self, req_ids: list[str]) -> None:
         """Forget requests not in ``req_ids`` (finished or preempted)."""
-        for req_id in set(self.probes_drafted) - set(req_ids):
+        kept = set(req_ids)
+        for req_id in set(self.probes_drafted) - kept:
             del self.probes_drafted[req_id]
             self.steps.forget(req_id)
             self.steps_until_reprobe.pop(req_id, None)
             self.next_wait.pop(req_id, None)
             self.drafting_only.pop(req_id, None)
-            self.request_runs.pop(req_id, None)
+        if not self.request_runs.keys() <= kept:
+            self.request_runs = {req_id: run for req_id, run in self.request_runs.items() if req_id in kept}
