@@ -25,11 +25,11 @@ cannot be accepted costs its layers for nothing (sampled verification with this 
 accepted none, and its six-node probes cost each request ~20 ms of ~150), and one accepted
 whole lets the next probes grow. A request with runs of its own (its earlier probes, or
 steps it drafted in a batch of several: ``note_runs``) is probed as deep as the longest of
-them, plus the same headroom: at full depth, the re-probes of a greedy MT-Bench request whose probes were
-accepted one or two tokens deep cost it 48 ms for 8 tokens (two re-probes of three steps),
-where plain decoding takes 20 ms; and a request left alone when the rest of its batch
-finished was probed 6 deep at 7-9 ms a step for 1-2 tokens, its drafts in the batch having
-been accepted one deep on every step.
+them, plus the same headroom. At full depth, the re-probes of a greedy MT-Bench request
+whose probes were accepted one or two tokens deep cost it 48 ms for 8 tokens (two re-probes
+of three steps), where plain decoding takes 20 ms; and a request left alone when the rest
+of its batch finished was probed 6 deep at 7-9 ms a step for 1-2 tokens, its drafts in the
+batch having been accepted one deep on every step.
 
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
