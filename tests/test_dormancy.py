@@ -157,7 +157,8 @@ def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_
 def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, default_cast_llm, monkeypatch):
     """At a batch size where plain decoding was never measured, CAST first skips the draft
     model (keeping the rows) until it has, then drafts: the first drafting step replays the
-    kept rows, and output stays vanilla's."""
+    kept rows, and output stays vanilla's. The steps that keep rows run as vLLM's plain
+    decoding: its speculative path (input preparation, the drafter call) is not taken."""
     runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())  # no batch size measured yet
@@ -170,6 +171,10 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     replayed = []
     replay = drafter.dormancy.replay
     monkeypatch.setattr(drafter.dormancy, "replay", lambda *args: replayed.append(replay(*args)) or replayed[-1])
+    keeping_rows_at_drafter_calls = []
+    propose = runner.propose_draft_token_ids
+    monkeypatch.setattr(runner, "propose_draft_token_ids", lambda *args: keeping_rows_at_drafter_calls.append(
+        runner._keeps_rows) or propose(*args))
     prompts = load_prompts("humaneval", limit=4)
     before = cast_stats(default_cast_llm)["steps"]
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -179,4 +184,6 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     assert drafter.throughput.plain_rate(len(prompts), False) is not None
     assert drafter.plain_first_steps[(batch_bucket(len(prompts)), False)] == skipped_first
     assert replayed and replayed[0] is not None, "the first drafting step replays the kept rows"
+    assert keeping_rows_at_drafter_calls and not any(keeping_rows_at_drafter_calls), \
+        "a step keeping its rows took vLLM's speculative path"
     assert cast_stats(default_cast_llm)["steps"] > before, "drafting resumed"
