@@ -158,7 +158,8 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     """At a batch size where plain decoding was never measured, CAST first skips the draft
     model (keeping the rows) until it has, then drafts: the first drafting step replays the
     kept rows, and output stays vanilla's. The steps that keep rows run as vLLM's plain
-    decoding: its speculative path (input preparation, the drafter call) is not taken."""
+    decoding (its speculative input preparation and drafter call are not taken) unless the
+    step before drafted first-layer candidates whose outcomes they record."""
     runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())  # no batch size measured yet
@@ -171,10 +172,10 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     replayed = []
     replay = drafter.dormancy.replay
     monkeypatch.setattr(drafter.dormancy, "replay", lambda *args: replayed.append(replay(*args)) or replayed[-1])
-    keeping_rows_at_drafter_calls = []
+    drafter_calls = []  # (keeps its rows, has outcomes to record) per drafter call
     propose = runner.propose_draft_token_ids
-    monkeypatch.setattr(runner, "propose_draft_token_ids", lambda *args: keeping_rows_at_drafter_calls.append(
-        runner._keeps_rows) or propose(*args))
+    monkeypatch.setattr(runner, "propose_draft_token_ids", lambda *args: drafter_calls.append(
+        (runner._keeps_rows, runner._root_candidates is not None)) or propose(*args))
     prompts = load_prompts("humaneval", limit=4)
     before = cast_stats(default_cast_llm)["steps"]
     assert greedy_token_ids(default_cast_llm, prompts, 24) == greedy_token_ids(vanilla_llm, prompts, 24)
@@ -184,6 +185,7 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     assert drafter.throughput.plain_rate(len(prompts), False) is not None
     assert drafter.plain_first_steps[(batch_bucket(len(prompts)), False)] == skipped_first
     assert replayed and replayed[0] is not None, "the first drafting step replays the kept rows"
-    assert keeping_rows_at_drafter_calls and not any(keeping_rows_at_drafter_calls), \
-        "a step keeping its rows took vLLM's speculative path"
+    keeping = [recording for keeps_rows, recording in drafter_calls if keeps_rows]
+    assert all(keeping), "a step keeping its rows took vLLM's speculative path with nothing to record"
+    assert len(keeping) < skipped_first, "no step keeping its rows ran as vLLM's plain decoding"
     assert cast_stats(default_cast_llm)["steps"] > before, "drafting resumed"

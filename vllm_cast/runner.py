@@ -89,6 +89,8 @@ class CastRunnerMixin:
         self._drafting_seconds = 0.0
         self._emitted_tokens = 0
         self._verified_drafts = False
+        self._drafted_last_step = False
+        """The previous step ran the draft model or verified drafts (see ``_record_overheads``)."""
         self._decode_only = False
         self._decode_steps_in_a_row = 0
         """Decode-only steps since the last step with prompt rows, this one included."""
@@ -159,6 +161,7 @@ class CastRunnerMixin:
         self._time_step(time.perf_counter() - self._step_started, predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
+        self._drafted_last_step = self._verified_drafts or decision is not None
         return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
@@ -204,12 +207,13 @@ class CastRunnerMixin:
                           predicted_verify: float | None, plain_costs: Callable[[], StepCosts]) -> None:
         """This decode step's unpriced seconds (vllm_cast.step_overheads): outside its drafting
         call (or the copying of rows a dormant step keeps, which plain decoding does not pay)
-        against its target forward (``predicted_verify``; None: a plain step's), and the
+        against its target forward (``predicted_verify``; None: a plain step's; a plain step
+        only after another, see ``StepOverheads.plain``), and the
         drafting call against its draft passes (not for probes replaying dormant rows)."""
-        if predicted_verify is None:
-            predicted_verify = plain_costs().plain_step_seconds
         drafting = self._drafting_seconds if decision is not None or self._keeps_rows else 0.0
-        self.drafter.overheads.record_step(batch, measured - drafting, predicted_verify, self._verified_drafts)
+        if self._verified_drafts or not self._drafted_last_step:
+            predicted = plain_costs().plain_step_seconds if predicted_verify is None else predicted_verify
+            self.drafter.overheads.record_step(batch, measured - drafting, predicted, self._verified_drafts)
         if decision is not None and not decision.replayed:
             self.drafter.overheads.record_drafting(batch, drafting, decision.predicted_first_pass_seconds,
                                                    decision.measured_layer_seconds, decision.predicted_layer_seconds,
