@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 from conftest import greedy_token_ids, model_runner
@@ -11,7 +12,7 @@ from vllm_cast.config import CastParams
 from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
-from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, DECIDING_MEMBERS, MIN_STEPS,
+from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, DECIDING_MEMBERS, MIN_STEPS, REEXAMINATION_LOSS,
                                   STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES, MeasuredThroughput)
 from vllm_cast.tree_builder import StepDecision
 
@@ -80,7 +81,7 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
     # b emits 2 of its 36 tokens a step (18 steps of 4.5 ms) where plain decoding takes 2 ms
     # a token: 72 of 81 ms, a 0.89x cohort, although a was done after 6 steps.
     _cohort(throughput, {"a": 7, "b": 2}, tokens=36, seconds=0.0045, plain_step=0.002)
-    assert abs(throughput.cohorts.speedups[(1, False)][-1] - 72 / 81) < 1e-9
+    assert abs(throughput.cohorts.results[(1, False)][-1].speedup - 72 / 81) < 1e-9
     assert COHORTS_TO_JUDGE == 2 and 72 / 81 > CLEARLY_SLOWER
     assert not throughput.measured_slower(2, False), "one cohort not clearly slower is not enough"
     _cohort(throughput, {"c": 3, "d": 3}, tokens=36, seconds=0.005, plain_step=0.002)  # 1.2x
@@ -90,6 +91,30 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
     assert throughput.measured_slower(8, False), "larger batch sizes inherit it"
     _record(throughput, 2, speculative=False, tokens=2, seconds=0.002, steps=STALE_AFTER_PLAIN_STEPS)
     assert not throughput.measured_slower(2, False), "stale: the cohorts are dropped with the samples"
+
+
+def test_cohorts_a_little_slower_are_re_examined_sooner_and_each_confirmation_doubles_the_wait():
+    """Cohorts at 0.9x of plain decoding, 36 tokens each: re-examining them speculates on
+    COHORTS_TO_JUDGE cohorts, losing 0.1 of 36 plain steps each, so the verdict goes stale
+    after that over REEXAMINATION_LOSS plain steps (144, not STALE_AFTER_PLAIN_STEPS);
+    confirmed by two more such cohorts, it holds twice as long."""
+    throughput = MeasuredThroughput()
+    _record(throughput, 2, speculative=False, tokens=2, seconds=0.002)
+    waits = []
+    for confirmations in range(2):
+        for pair in ("ab", "cd"):
+            _cohort(throughput, {f"{pair[0]}{confirmations}": 2, f"{pair[1]}{confirmations}": 2}, tokens=36,
+                    seconds=2 * 0.002 / 0.9, plain_step=0.002)
+        _record(throughput, 2, speculative=True, tokens=4, seconds=2 * 0.002 / 0.9, steps=1)  # their last step
+        speedup = throughput.cohorts.mean_speedup((1, False), COHORTS_TO_JUDGE)
+        assert abs(speedup - 0.9) < 1e-9 and throughput.measured_slower(2, False)
+        wait = math.ceil(COHORTS_TO_JUDGE * (1 - speedup) * 36 / REEXAMINATION_LOSS) * 2**confirmations
+        _record(throughput, 2, speculative=False, tokens=2, seconds=0.002, steps=wait - 1)
+        assert throughput.measured_slower(2, False), f"re-examined before {wait} plain steps"
+        _record(throughput, 2, speculative=False, tokens=2, seconds=0.002, steps=1)
+        assert not throughput.measured_slower(2, False), f"not re-examined after {wait} plain steps"
+        waits.append(wait)
+    assert waits == [144, 288] and waits[0] < STALE_AFTER_PLAIN_STEPS
 
 
 def test_a_first_cohort_clearly_slower_decides_alone_when_it_has_enough_requests():
@@ -110,13 +135,13 @@ def test_cohorts_that_never_speculated_are_no_evidence():
     throughput.cohorts.record_step(["a", "b"], [True, True], [1, 1], 0.002, 0.002, speculative=False,
                                    all_sampled=False)
     throughput.retain([])
-    assert not throughput.cohorts.speedups
+    assert not throughput.cohorts.results
     throughput.cohorts.record_prompt_step(["c"], [True], [1], drafting_seconds=0.004, plain_step_seconds=0.002,
                                           all_sampled=True)
     throughput.cohorts.record_step(["c", "x"], [True, False], [3, 1], 0.004, 0.002, speculative=True,
                                    all_sampled=True)
     throughput.retain(["x"])
-    assert {key: list(window) for key, window in throughput.cohorts.speedups.items()} == {
+    assert {key: [result.speedup for result in window] for key, window in throughput.cohorts.results.items()} == {
         (0, True): [3 * 0.002 / (0.004 + 0.004)]}, (
         "keyed by the prompt step's batch; its draft pass delays it; x was never drafted")
 
@@ -148,11 +173,11 @@ def test_an_engine_feeds_each_drafted_request_s_tokens_to_its_cohort(cast_llm, m
 
     monkeypatch.setattr(cohorts, "record_step", recorded_step)
     monkeypatch.setattr(cohorts, "record_prompt_step", recorded_prompt_step)
-    before = list(cohorts.speedups.get((1, False), []))
+    before = list(cohorts.results.get((1, False), []))
     greedy_token_ids(cast_llm, load_prompts("qa", limit=1) + load_prompts("mt_bench", limit=1), 32)
     runner.drafter.retain([])  # the next step's batch would close their lives
     assert len(totals) == 2 and all(tokens == 32 for _, _, tokens in totals.values()), totals
-    after = list(cohorts.speedups[(1, False)])
+    after = [result.speedup for result in cohorts.results[(1, False)]]
     assert len(after) == min(len(before) + 1, COHORT_WINDOW), "their cohort was not completed"
     slowest = max(seconds for seconds, _, _ in totals.values())
     assert abs(after[-1] - max(plain for _, plain, _ in totals.values()) / slowest) < 1e-9
@@ -190,7 +215,7 @@ def test_measured_slower_speculation_holds_until_its_samples_are_stale():
     assert not throughput.measured_slower(4, False)
     _record(throughput, 4, speculative=True, tokens=12, seconds=0.010)  # 1200 tokens/s: pays now
     assert not throughput.measured_slower(4, False)
-    assert throughput.stale_after.get((2, False), STALE_AFTER_PLAIN_STEPS) == STALE_AFTER_PLAIN_STEPS
+    assert not throughput.times_stale[(2, False)], "the next wait is the first again"
 
 
 def test_a_verdict_is_not_rejudged_by_plain_steps_that_follow_it():

@@ -29,6 +29,19 @@ COHORT_WINDOW = 8
 """Completed cohorts per (bucket, mode) whose speedups are averaged."""
 
 
+@dataclass(frozen=True)
+class CohortResult:
+    """A completed cohort that speculated."""
+
+    speedup: float
+    """Plain decoding's seconds for its slowest request's tokens over that request's seconds
+    in the batch."""
+    members: int
+    """Requests it started with."""
+    plain_steps: int
+    """Tokens of its member with the most: the steps plain decoding needed for the cohort."""
+
+
 @dataclass
 class _Cohort:
     key: tuple[int, bool]
@@ -42,6 +55,8 @@ class _Cohort:
     """Largest seconds in the batch of a finished member."""
     slowest_plain_seconds: float = 0.0
     """Largest plain-decoding seconds of a finished member's tokens."""
+    most_tokens: int = 0
+    """Most tokens of a finished member (counted as plain decoding's steps)."""
 
 
 @dataclass
@@ -49,6 +64,7 @@ class _Life:
     cohort: _Cohort
     seconds: float = 0.0
     plain_seconds: float = 0.0
+    tokens: int = 0
 
 
 @dataclass
@@ -58,9 +74,7 @@ class CohortLedger:
     cohorts that speculated (see module doc)."""
 
     lives: dict[str, _Life] = field(default_factory=dict)
-    speedups: dict[tuple[int, bool], deque] = field(default_factory=dict)
-    members: dict[tuple[int, bool], deque] = field(default_factory=dict)
-    """Per (bucket, mode), the requests of each cohort in ``speedups`` (same order)."""
+    results: dict[tuple[int, bool], deque[CohortResult]] = field(default_factory=dict)
 
     def record_step(self, req_ids: list[str], joining: list[bool], emitted: list[int], seconds: float,
                     plain_step_seconds: float, speculative: bool, all_sampled: bool) -> None:
@@ -90,6 +104,7 @@ class CohortLedger:
             if life is not None:
                 life.seconds += seconds
                 life.plain_seconds += tokens * plain_step_seconds
+                life.tokens += tokens
                 life.cohort.speculated |= speculative
 
     def _join(self, req_ids: list[str], joining: list[bool], all_sampled: bool) -> None:
@@ -109,30 +124,34 @@ class CohortLedger:
             cohort = life.cohort
             cohort.slowest_seconds = max(cohort.slowest_seconds, life.seconds)
             cohort.slowest_plain_seconds = max(cohort.slowest_plain_seconds, life.plain_seconds)
+            cohort.most_tokens = max(cohort.most_tokens, life.tokens)
             cohort.running -= 1
             if cohort.running == 0 and cohort.speculated and cohort.slowest_seconds > 0:
-                self.speedups.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW)).append(
-                    cohort.slowest_plain_seconds / cohort.slowest_seconds)
-                self.members.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW)).append(cohort.members)
+                self.results.setdefault(cohort.key, deque(maxlen=COHORT_WINDOW)).append(CohortResult(
+                    cohort.slowest_plain_seconds / cohort.slowest_seconds, cohort.members, cohort.most_tokens))
                 completed.append(cohort.key)
         return completed
 
     def mean_speedup(self, key: tuple[int, bool], fewest: int) -> float | None:
         """Mean speedup of the bucket's recent completed cohorts (None: fewer than ``fewest``)."""
-        window = self.speedups.get(key)
+        window = self.results.get(key)
         if not window or len(window) < fewest:
             return None
-        return sum(window) / len(window)
+        return sum(result.speedup for result in window) / len(window)
+
+    def mean_plain_steps(self, key: tuple[int, bool]) -> float | None:
+        """Mean plain-decoding steps of the bucket's recent completed cohorts (None: none)."""
+        window = self.results.get(key)
+        return sum(result.plain_steps for result in window) / len(window) if window else None
 
     def lone_speedup(self, key: tuple[int, bool], fewest_members: int) -> float | None:
         """The speedup of the bucket's only completed cohort, if it has ``fewest_members``
         requests or more (None otherwise, or with no or several cohorts)."""
-        window = self.speedups.get(key)
-        if not window or len(window) != 1 or self.members[key][0] < fewest_members:
+        window = self.results.get(key)
+        if not window or len(window) != 1 or window[0].members < fewest_members:
             return None
-        return window[0]
+        return window[0].speedup
 
     def forget(self, key: tuple[int, bool]) -> None:
         """Drop a bucket's completed cohorts (their evidence went stale)."""
-        self.speedups.pop(key, None)
-        self.members.pop(key, None)
+        self.results.pop(key, None)

@@ -25,9 +25,10 @@ explored again (three times in six greedy B=4 cells: 0.84x of vanilla there).
 
 Once both kinds are measured and speculating is slower, the proposer treats speculation
 as hopeless at that batch size (its requests are not drafted, no probes): the verdict
-holds until ``STALE_AFTER_PLAIN_STEPS`` plain steps have followed the last speculative
-one; then the old speculative samples are dropped and speculation is measured afresh
-(the first ones may have been taken before acceptance was learned, or on other prompts).
+holds until enough plain steps have followed the last speculative one (``_stale_wait``:
+fewer the closer its cohorts came to plain decoding, ``REEXAMINATION_LOSS``); then the old
+speculative samples are dropped and speculation is measured afresh (the first ones may
+have been taken before acceptance was learned, or on other prompts).
 
 A bucket without a verdict of its own takes that of the nearest smaller bucket that has one
 when it says slower: speculation's gain only shrinks as the batch grows (the target forward
@@ -53,6 +54,7 @@ solo requests that are not probed."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Hashable
 
@@ -70,13 +72,24 @@ as long as that takes: 16 measured 0.85x of vanilla at T=1 B=1 against ~1.0x wit
 
 STALE_AFTER_PLAIN_STEPS = 1024
 """Plain steps after which a bucket's speculative samples are too old to keep CAST from
-drafting there (the workload may have changed: other prompts, other acceptance). Each time
-they go stale the next wait doubles, up to ``LONGEST_STALE_AFTER``; it is back to this once
+drafting there (the workload may have changed: other prompts, other acceptance), unless its
+finished cohorts price the re-examination (``REEXAMINATION_LOSS``). Each time they go stale
+the next wait doubles, up to ``LONGEST_STALE_AFTER``; it is back to the first once
 speculating measures no slower than plain decoding (re-measuring drafts new prompts and
 speculates for a few steps: repeated every 1024 steps it cost 5-15% of a 32-token workload
 at B=16 where speculation never pays)."""
 
 LONGEST_STALE_AFTER = 16 * STALE_AFTER_PLAIN_STEPS
+
+REEXAMINATION_LOSS = 0.05
+"""Share of the plain decoding since a "slower" verdict that re-examining it may cost, when
+the verdict rests on finished cohorts: re-examining speculates on ``COHORTS_TO_JUDGE``
+cohorts, each losing ``1 - s`` of its plain steps ``n`` (their mean speedup and slowest
+requests' tokens), so the samples go stale after ``COHORTS_TO_JUDGE * (1 - s) * n /
+REEXAMINATION_LOSS`` plain steps (then twice that, ...). Greedy B=4, 64 tokens: MT-Bench's
+cohorts read 0.80-0.90 (wall clock 0.86x of vanilla), so the verdict formed on the grid's
+first task is re-examined after ~6 waves, where CAST drafting the later tasks read 0.92-1.39x
+(GSM8K and qa 1.3-1.4x) and a fixed 1024 steps kept all of them plain."""
 
 COHORTS_TO_JUDGE = 2
 """Completed cohorts that speculated a bucket needs before its verdict rests on them: one
@@ -129,8 +142,9 @@ class MeasuredThroughput:
         self.rates = RecentTotals()
         self.cohorts = CohortLedger()
         self.plain_steps_since_speculative: Counter[tuple[int, bool]] = Counter()
-        self.stale_after: dict[tuple[int, bool], int] = {}
-        """Per (bucket, mode): plain steps until its speculative samples go stale."""
+        self.times_stale: Counter[tuple[int, bool]] = Counter()
+        """Per (bucket, mode): times its samples went stale since speculating last measured
+        no slower (each doubles the next wait, see ``_stale_wait``)."""
         self.verdicts: dict[tuple[int, bool], bool] = {}
         """Per (bucket, mode): whether speculating measured slower, as formed when both kinds
         were first measured after its last speculative sample (dropped by the next one)."""
@@ -146,18 +160,27 @@ class MeasuredThroughput:
         else:
             self.rates.add((*key, False), (tokens, seconds))
         since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
-        stale_after = self.stale_after.get(key, STALE_AFTER_PLAIN_STEPS)
-        went_stale = since >= stale_after
+        went_stale = since > 0 and since >= self._stale_wait(key)
         if went_stale:
             for smaller_or_same in range(key[0] + 1):
                 self.rates.forget((smaller_or_same, all_sampled, True))
                 self.verdicts.pop((smaller_or_same, all_sampled), None)
                 self.cohorts.forget((smaller_or_same, all_sampled))
-            self.stale_after[key] = min(2 * stale_after, LONGEST_STALE_AFTER)
+            self.times_stale[key] += 1
             since = 0
         self.plain_steps_since_speculative[key] = since
         self._reset_wait_if_paying(key)
         return went_stale
+
+    def _stale_wait(self, key: tuple[int, bool]) -> int:
+        """Plain steps after which the (bucket, mode)'s speculative samples go stale: priced
+        by its finished cohorts when they measured slower (``REEXAMINATION_LOSS``), else
+        ``STALE_AFTER_PLAIN_STEPS``; doubled per ``times_stale``, at most ``LONGEST_STALE_AFTER``."""
+        wait = STALE_AFTER_PLAIN_STEPS
+        speedup = self.cohorts.mean_speedup(key, fewest=1)
+        if speedup is not None and speedup < 1.0:
+            wait = math.ceil(COHORTS_TO_JUDGE * (1.0 - speedup) * self.cohorts.mean_plain_steps(key) / REEXAMINATION_LOSS)
+        return min(wait << self.times_stale[key], LONGEST_STALE_AFTER)
 
     def record_prompt_drafting(self, batch_size: int, all_sampled: bool, seconds: float,
                                accepted_drafts: int = 0) -> None:
@@ -177,8 +200,8 @@ class MeasuredThroughput:
     def _reset_wait_if_paying(self, key: tuple[int, bool]) -> None:
         """Back to the shortest stale wait once speculating measures no slower than plain
         decoding at this (bucket, mode)."""
-        if key in self.stale_after and self._slower(*key) is False:
-            del self.stale_after[key]
+        if self.times_stale[key] and self._slower(*key) is False:
+            del self.times_stale[key]
 
     def retain(self, req_ids: list[str]) -> None:
         """Requests not in ``req_ids`` finished (or were preempted): cohorts they complete
@@ -226,8 +249,7 @@ class MeasuredThroughput:
         """Whether speculating measured slower at this batch size and mode: both kinds are
         measured in its bucket and speculating is slower, or its bucket has no verdict and
         the nearest smaller bucket with one measured speculating slower (see module doc;
-        samples are dropped after ``STALE_AFTER_PLAIN_STEPS`` plain steps, then after twice
-        as many, ...)."""
+        samples are dropped after ``_stale_wait`` plain steps, then after twice as many, ...)."""
         for bucket in range(batch_bucket(batch_size), -1, -1):
             verdict = self._slower(bucket, all_sampled)
             if verdict is not None:
