@@ -75,6 +75,17 @@ def test_dormant_stretches_back_off_and_reset_after_a_tree():
     assert stretch() == 1
 
 
+def test_a_restart_ends_the_dormant_stretch_and_the_back_off():
+    dormancy = DraftDormancy(probe_interval=64, max_rows=100)
+    for _ in range(7):
+        dormancy.enter()
+    assert dormancy.steps_left == 64 and dormancy.next_interval == 64
+    dormancy.restart()
+    assert not dormancy.should_skip(1), "the stretch ended: the next step drafts"
+    dormancy.enter()
+    assert dormancy.should_skip(1) and not dormancy.should_skip(1), "backing off from one step again"
+
+
 def test_rows_of_a_recomputed_or_finished_request_are_dropped():
     dormancy = DraftDormancy(probe_interval=4, max_rows=100)
     tokens, positions, hidden, starts = _step([[5], [9]])

@@ -63,6 +63,13 @@ class DraftDormancy:
         """CAST chose a tree: the next dormant stretch starts short again."""
         self.next_interval = 1
 
+    def restart(self) -> None:
+        """Speculation is to be measured afresh: end the dormant stretch and start backing off
+        from 1 again (a 64-step stretch left from earlier declines kept a whole greedy B=4
+        wave dormant right after its batch size's verdict went stale)."""
+        self.steps_left = 0
+        self.wake()
+
     def fits(self, new_rows: int) -> bool:
         """Whether the remembered rows plus this step's ``new_rows`` (twice, to leave room at
         wake-up) fit the drafter's buffers."""

@@ -199,6 +199,7 @@ class CastRunnerMixin:
         throughput = self.drafter.throughput
         if throughput.record(batch, self._all_sampled, speculative, self._emitted_tokens, measured):
             self.drafter.solo.resume_probing(self._all_sampled)
+            self.drafter.dormancy.restart()
         if speculative and batch == 1:
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
                                      throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
