@@ -65,6 +65,7 @@ class _Life:
     seconds: float = 0.0
     plain_seconds: float = 0.0
     tokens: int = 0
+    """Tokens charged to plain decoding (its steps for them)."""
 
 
 @dataclass

@@ -10,8 +10,9 @@ in one batched first pass, so the draft KV cache ends up exactly as if the draft
 every step. The runner decides before a step's forward that it is dormant and runs it as
 vLLM's plain decoding, only collecting the auxiliary hidden states and copying the rows
 (through vLLM's speculative path a dormant greedy B=4 step took 3.18 ms against vanilla's
-2.82; now 3.08 against 2.90, 0.06 ms of it the copies). The dormant stretch backs off exponentially: 1 step after a speculating step,
-doubling with each probe that again chooses no tree, up to ``probe_interval`` steps."""
+2.82; now 3.08 against 2.90, 0.06 ms of it the copies). The dormant stretch backs off
+exponentially: 1 step after a speculating step, doubling with each probe that again chooses
+no tree, up to ``probe_interval`` steps."""
 
 from __future__ import annotations
 

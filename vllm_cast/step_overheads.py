@@ -11,7 +11,7 @@ this module keeps, per batch-size bucket, the median of the last ``WINDOW`` samp
   whose previous step did not run the draft model or verify drafts (plain decoding's own
   pace: right after a drafting step the target's weights are out of the caches, and on the
   2-core EPYC greedy B=2's plain samples, all from such steps, read 1.2-2.3 ms where B=1's
-  read 0.3-1.3 ms, and vanilla's steps are ~0.1 ms above the table);
+  steady ones read -0.2 to 0.4 ms);
 - ``verify``: the same for a step that verified drafts: its target forward over the trees
   with vLLM's speculative input preparation, tree acceptance, KV compaction and the
   calibrator's bookkeeping (on this CPU ~0.9-1.0 ms more than a plain step's; charging

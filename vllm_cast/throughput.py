@@ -88,8 +88,8 @@ cohorts, each losing ``1 - s`` of its plain steps ``n`` (their mean speedup and 
 requests' tokens), so the samples go stale after ``COHORTS_TO_JUDGE * (1 - s) * n /
 REEXAMINATION_LOSS`` plain steps (then twice that, ...). Greedy B=4, 64 tokens: MT-Bench's
 cohorts read 0.80-0.90 (wall clock 0.86x of vanilla), so the verdict formed on the grid's
-first task is re-examined after ~6 waves, where CAST drafting the later tasks read 0.92-1.39x
-(GSM8K and qa 1.3-1.4x) and a fixed 1024 steps kept all of them plain."""
+first task is re-examined after ~6 waves, where a fixed 1024 steps kept every later task
+plain (drafted, they read 0.92-1.39x in a session-27 run: GSM8K and qa 1.3-1.4x)."""
 
 COHORTS_TO_JUDGE = 2
 """Completed cohorts that speculated a bucket needs before its verdict rests on them: one
