@@ -516,9 +516,10 @@ class CastRunnerMixin:
         self.drafter.last_trees = []
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
         self.drafter.batch_req_ids = req_ids
-        skipped = self._keeps_rows or not self._drafted_rows.any()
-        if not self._drafted_rows.any():
+        all_undrafted = not self._drafted_rows.any()
+        if all_undrafted:
             self.drafter.skipped_steps += 1
+        skipped = self._keeps_rows or all_undrafted
         budgets = None if skipped else self._draft_budgets(req_ids)  # dormant steps need none
         finishing = budgets is not None and not any(budgets)  # every request ends with its next token
         if skipped or finishing:
@@ -550,8 +551,8 @@ class CastRunnerMixin:
         or the batch is a lone arrival expecting company or one request waiting for its
         re-probe (see vllm_cast.solo_probes). Decided here, such a step runs as vLLM's plain
         decoding (``_prepare_inputs``): through the speculative path it cost 0.36 ms more
-        than vanilla's 2.82 ms at greedy B=4, against 0.03 ms for a step with nothing to keep."""
-        self.drafter.batch_req_ids = req_ids
+        than vanilla's 2.82 ms at greedy B=4, against 0.03 ms for a step with nothing to keep.
+        Called after ``_undraft_if_hopeless``, which hands the drafter this batch's ids."""
         rows = int(num_scheduled_tokens[: len(req_ids)][self._drafted_rows].sum())
         fits = self.drafter.dormancy.fits(rows)
         if self._lone_arrival and self.drafter.solo.expects_company():
