@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_cast.cost_model import (
+    PROFILE_ROUNDS,
     CostTable,
     CostTableError,
     TableKey,
@@ -54,6 +55,30 @@ def test_step_costs_are_normalised_by_one_target_token():
     assert costs.target_ratio()[1] == pytest.approx(1.0)
     assert costs.draft.shape == (9,) and costs.draft[0] == 0
     assert (costs.target_ratio()[2:] > costs.target_ratio()[1:-1]).all()
+
+
+def test_a_slow_stretch_of_the_machine_prices_no_cell():
+    """The machine runs twice as slow for a stretch of the profile as long as a third of
+    one pass over the grid (a busy neighbour for seconds): every cell keeps its clean time,
+    whichever cells the stretch hit."""
+    cells = 2 * 2 * 3  # batch sizes x contexts x new tokens below
+    calls = []
+
+    def clean(b, c, n):
+        return 1.0 + 0.1 * b * n + 0.001 * c
+
+    def timer(b, c, n):
+        calls.append((b, c, n))
+        slow = cells // 2 <= len(calls) < cells // 2 + cells * 2 // 3  # calls of target and draft alternate
+        return clean(b, c, n) * (2.0 if slow else 1.0)
+
+    table = profile_table(KEY, timer, timer, [1, 4], [128, 1024], [1, 2, 4], progress=False)
+    assert len(calls) == 2 * cells * PROFILE_ROUNDS
+    for b in (1, 4):
+        for c in (128, 1024):
+            for n in (1, 2, 4):
+                assert table.target(b, c, n) == pytest.approx(clean(b, c, n))
+                assert table.draft(b, c, n) == pytest.approx(clean(b, c, n))
 
 
 def test_round_trip(tmp_path):

@@ -302,7 +302,15 @@ class CostTable:
 
 
 ForwardTimer = Callable[[int, int, int], float]
-"""(batch_size, context, new_tokens) -> median seconds of one forward."""
+"""(batch_size, context, new_tokens) -> seconds of one forward."""
+
+PROFILE_ROUNDS = 3
+"""Passes over the whole grid when profiling; a cell's cost is the median of its rounds.
+Timing each cell's repeats back to back put all of them in whatever state the machine was
+in for those few milliseconds: the 2-core EPYC runs 1.3-2x slower for seconds at a time (a
+busy neighbour), and two tables profiled minutes apart differed by up to 35% per cell,
+unevenly (plain B=1 9% apart, 32-token verification 31%), so measured step times drifted
+against some cells and not others. Rounds put a cell's samples ~10 s apart."""
 
 
 def monotone_from_below(grid: torch.Tensor) -> torch.Tensor:
@@ -319,25 +327,31 @@ def monotone_from_below(grid: torch.Tensor) -> torch.Tensor:
 def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardTimer, batch_sizes: list[int],
                   contexts: list[int], new_tokens: list[int], time_chain_target: ForwardTimer | None = None,
                   time_chain_draft: ForwardTimer | None = None, progress: bool = True) -> CostTable:
-    """Measure the models over the grid with the given timers (progress bar on stderr);
-    ``time_chain_target`` / ``time_chain_draft`` (optional) time causal forwards (chains,
-    the first draft pass); single-token forwards are causal anyway and timed once."""
+    """Measure the models over the grid with the given timers, ``PROFILE_ROUNDS`` passes
+    over every cell, each cell's median kept (progress bar on stderr); ``time_chain_target``
+    / ``time_chain_draft`` (optional) time causal forwards (chains, the first draft pass);
+    single-token forwards are causal anyway and timed once."""
     from tqdm import tqdm
 
     shape = (len(batch_sizes), len(contexts), len(new_tokens))
-    target = torch.zeros(shape, dtype=torch.float64)
-    draft = torch.zeros(shape, dtype=torch.float64)
-    chain = None if time_chain_target is None else torch.zeros(shape, dtype=torch.float64)
-    chain_draft = None if time_chain_draft is None else torch.zeros(shape, dtype=torch.float64)
     cells = [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
-    for i, j, k in tqdm(cells, desc="profile cost table", unit="cell", disable=not progress):
-        b, c, n = batch_sizes[i], contexts[j], new_tokens[k]
-        target[i, j, k] = time_target(b, c, n)
-        draft[i, j, k] = time_draft(b, c, n)
-        if chain is not None:
-            chain[i, j, k] = time_chain_target(b, c, n) if n > 1 else target[i, j, k]
-        if chain_draft is not None:
-            chain_draft[i, j, k] = time_chain_draft(b, c, n) if n > 1 else draft[i, j, k]
+    timers = {"target": time_target, "draft": time_draft, "chain": time_chain_target, "chain_draft": time_chain_draft}
+    timers = {name: timer for name, timer in timers.items() if timer is not None}
+    causal_once = {"chain": "target", "chain_draft": "draft"}  # single-token forwards are causal anyway
+    samples = {name: torch.zeros((PROFILE_ROUNDS, *shape), dtype=torch.float64) for name in timers}
+    """Per model: seconds ``[rounds, batch sizes, contexts, new tokens]``."""
+    progress_bar = tqdm(total=PROFILE_ROUNDS * len(cells), desc="profile cost table", unit="cell", disable=not progress)
+    for round_index in range(PROFILE_ROUNDS):
+        for i, j, k in cells:
+            b, c, n = batch_sizes[i], contexts[j], new_tokens[k]
+            for name, timer in timers.items():  # "target" and "draft" come before their causal twins
+                timed_by = causal_once.get(name) if n == 1 else None
+                samples[name][round_index, i, j, k] = (samples[timed_by][round_index, i, j, k] if timed_by
+                                                       else timer(b, c, n))
+            progress_bar.update()
+    progress_bar.close()
+    target, draft, chain, chain_draft = (samples[name].median(dim=0).values if name in samples else None
+                                         for name in ("target", "draft", "chain", "chain_draft"))
     target, draft, chain, chain_draft = (None if grid is None else monotone_from_below(grid)
                                          for grid in (target, draft, chain, chain_draft))
     return CostTable(key, list(batch_sizes), list(contexts), list(new_tokens), target, draft, chain, chain_draft)

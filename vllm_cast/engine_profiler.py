@@ -9,7 +9,6 @@ new token are computed, as in verification."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -60,37 +59,43 @@ def tree_plan_for(batch: int, context: int, new_tokens: int) -> TreePlan:
     return TreePlan(tuple(TreeRequest(b, context, mask) for b in range(batch)))
 
 
-def median_seconds(run: Callable[[], None], repeats: int, synchronize: Callable[[], None]) -> float:
-    """Median wall time of ``run`` over ``repeats`` calls after one warm-up call."""
-    run()
-    synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_seconds(run: Callable[[], None], warm_up: bool, synchronize: Callable[[], None]) -> float:
+    """Wall time of one call of ``run`` (after an untimed call when ``warm_up``)."""
+    if warm_up:
         run()
         synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    start = time.perf_counter()
+    run()
+    synchronize()
+    return time.perf_counter() - start
 
 
 class ForwardTimers:
-    """Timers ``(B, c, n) -> seconds`` for a CAST runner's target and draft models."""
+    """Timers ``(B, c, n) -> seconds`` of one forward of a CAST runner's target and draft
+    models; a cell's first call is preceded by an untimed warm-up call."""
 
-    def __init__(self, runner, repeats: int = 3) -> None:
+    def __init__(self, runner) -> None:
         self.runner = runner
         self.drafter = runner.drafter
-        self.repeats = repeats
         self.block_size = runner.input_batch.block_table.block_tables[0].block_size
         self.table_width = runner.input_batch.block_table.block_tables[0].block_table.cpu.shape[1]
         device = runner.device
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._warm: set[tuple] = set()
+        """(model, tree, B, c, n) cells already run once."""
+
+    def _time(self, cell: tuple, run: Callable[[], None]) -> float:
+        warm_up = cell not in self._warm
+        self._warm.add(cell)
+        return timed_seconds(run, warm_up, self.synchronize)
 
     def _metadata(self, batch: int, context: int, new_tokens: int) -> CommonAttentionMetadata:
         return _layout(batch, context, new_tokens, self.block_size, self.runner.device, self.table_width)
 
     def target(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One target forward; multi-token ones tree-masked unless ``tree`` is False."""
-        return median_seconds(self._target_forward(batch, context, new_tokens, tree), self.repeats, self.synchronize)
+        return self._time(("target", tree, batch, context, new_tokens),
+                          self._target_forward(batch, context, new_tokens, tree))
 
     def _target_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
         """A callable running the target forward of :meth:`target`, logits of every row included."""
@@ -120,7 +125,7 @@ class ForwardTimers:
     def draft(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One draft forward: one token per sequence causal, more under a tree mask unless
         ``tree`` is False."""
-        return median_seconds(self._draft_forward(batch, context, new_tokens, tree), self.repeats, self.synchronize)
+        return self._time(("draft", tree, batch, context, new_tokens), self._draft_forward(batch, context, new_tokens, tree))
 
     def _draft_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
         """A callable running the draft forward of :meth:`draft`, logits of every row included."""
