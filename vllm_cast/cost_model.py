@@ -20,7 +20,9 @@ import torch
 
 from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
-TABLE_FORMAT = 4
+TABLE_FORMAT = 5
+"""Bumped when tables are measured or laid out differently (5: profiled in rounds,
+``PROFILE_ROUNDS``); cached tables of another format are re-profiled."""
 
 
 class CostTableError(ValueError):
