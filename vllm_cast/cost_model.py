@@ -22,7 +22,7 @@ from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
 TABLE_FORMAT = 5
 """Bumped when tables are measured or laid out differently (5: profiled in rounds,
-``PROFILE_ROUNDS``); cached tables of another format are re-profiled."""
+``PROFILE_ROUNDS``, in inference mode); cached tables of another format are re-profiled."""
 
 
 class CostTableError(ValueError):
