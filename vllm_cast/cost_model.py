@@ -22,7 +22,7 @@ from vllm_cast.version_guard import SUPPORTED_VLLM_VERSION
 
 TABLE_FORMAT = 5
 """Bumped when tables are measured or laid out differently (5: profiled in rounds,
-``PROFILE_ROUNDS``, in inference mode); cached tables of another format are re-profiled."""
+``PROFILE_ROUNDS``, warm, in inference mode); cached tables of another format are re-profiled."""
 
 
 class CostTableError(ValueError):
@@ -312,7 +312,7 @@ Timing each cell's repeats back to back put all of them in whatever state the ma
 in for those few milliseconds: the 2-core EPYC runs 1.3-2x slower for seconds at a time (a
 busy neighbour), and two tables profiled minutes apart differed by up to 35% per cell,
 unevenly (plain B=1 9% apart, 32-token verification 31%), so measured step times drifted
-against some cells and not others. Rounds put a cell's samples ~10 s apart."""
+against some cells and not others. Rounds put a cell's samples ~15 s apart."""
 
 
 def monotone_from_below(grid: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,11 @@ def tree_plan_for(batch: int, context: int, new_tokens: int) -> TreePlan:
     return TreePlan(tuple(TreeRequest(b, context, mask) for b in range(batch)))
 
 
-def timed_seconds(run: Callable[[], None], warm_up: bool, synchronize: Callable[[], None]) -> float:
-    """Wall time of one call of ``run`` (after an untimed call when ``warm_up``)."""
-    if warm_up:
-        run()
-        synchronize()
+def warm_seconds(run: Callable[[], None], synchronize: Callable[[], None]) -> float:
+    """Wall time of a call of ``run`` right after an untimed one (the caches hold its
+    weights, as they do for a decode step after the step before it)."""
+    run()
+    synchronize()
     start = time.perf_counter()
     run()
     synchronize()
@@ -71,8 +71,8 @@ def timed_seconds(run: Callable[[], None], warm_up: bool, synchronize: Callable[
 
 
 class ForwardTimers:
-    """Timers ``(B, c, n) -> seconds`` of one forward of a CAST runner's target and draft
-    models; a cell's first call is preceded by an untimed warm-up call."""
+    """Timers ``(B, c, n) -> seconds`` of one warm forward of a CAST runner's target and
+    draft models."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
@@ -81,25 +81,22 @@ class ForwardTimers:
         self.table_width = runner.input_batch.block_table.block_tables[0].block_table.cpu.shape[1]
         device = runner.device
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._warm: set[tuple] = set()
-        """(model, tree, B, c, n) cells already run once."""
 
-    def _time(self, cell: tuple, run: Callable[[], None]) -> float:
-        """``run`` timed in inference mode, as vLLM's runner runs its forwards (with autograd
-        on, a forward took 0.2-0.3 ms more on the 2-core EPYC: B=8 plain 2.70 against 2.42 ms,
-        which priced plain steps above the real ones)."""
-        warm_up = cell not in self._warm
-        self._warm.add(cell)
+    def _time(self, run: Callable[[], None]) -> float:
+        """``run`` timed warm (``warm_seconds``) in inference mode, as vLLM's runner runs its
+        forwards. On the 2-core EPYC, B=4 plain forwards took 2.0 ms warm and 2.75 ms timed
+        right after other cells' forwards (its weights out of the caches), and 0.2-0.3 ms
+        more with autograd on (B=8 plain 2.70 against 2.42 ms): either priced plain steps
+        above the real ones."""
         with torch.inference_mode():
-            return timed_seconds(run, warm_up, self.synchronize)
+            return warm_seconds(run, self.synchronize)
 
     def _metadata(self, batch: int, context: int, new_tokens: int) -> CommonAttentionMetadata:
         return _layout(batch, context, new_tokens, self.block_size, self.runner.device, self.table_width)
 
     def target(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One target forward; multi-token ones tree-masked unless ``tree`` is False."""
-        return self._time(("target", tree, batch, context, new_tokens),
-                          self._target_forward(batch, context, new_tokens, tree))
+        return self._time(self._target_forward(batch, context, new_tokens, tree))
 
     def _target_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
         """A callable running the target forward of :meth:`target`, logits of every row included."""
@@ -129,7 +126,7 @@ class ForwardTimers:
     def draft(self, batch: int, context: int, new_tokens: int, tree: bool = True) -> float:
         """One draft forward: one token per sequence causal, more under a tree mask unless
         ``tree`` is False."""
-        return self._time(("draft", tree, batch, context, new_tokens), self._draft_forward(batch, context, new_tokens, tree))
+        return self._time(self._draft_forward(batch, context, new_tokens, tree))
 
     def _draft_forward(self, batch: int, context: int, new_tokens: int, tree: bool) -> Callable[[], None]:
         """A callable running the draft forward of :meth:`draft`, logits of every row included."""
