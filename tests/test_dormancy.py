@@ -11,7 +11,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.prompts import TASKS, load_prompts
 from vllm_cast.proposer import PLAIN_FIRST_STEPS
-from vllm_cast.step_overheads import batch_bucket
+from vllm_cast.step_overheads import StepOverheads, batch_bucket
 from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
 
 BLOCK = 4
@@ -200,3 +200,38 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     assert all(keeping), "a step keeping its rows took vLLM's speculative path with nothing to record"
     assert len(keeping) < skipped_first, "no step keeping its rows ran as vLLM's plain decoding"
     assert cast_stats(default_cast_llm)["steps"] > before, "drafting resumed"
+
+
+def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_llm, default_cast_llm, monkeypatch):
+    """Where CAST drafts, every step verifies drafts and no plain step is measured; once the
+    batch size's plain samples are older than ``PLAIN_SAMPLES_LAST`` (0 here), a drafting
+    call drafts nothing, the samples are dropped and the next ``PLAIN_FIRST_STEPS`` steps run
+    plain, keeping their rows, and yield fresh samples. Output stays vanilla's."""
+    runner = model_runner(default_cast_llm)
+    drafter = runner.drafter
+    for name in ("step_overheads", "proposer"):
+        monkeypatch.setattr(f"vllm_cast.{name}.PLAIN_SAMPLES_LAST", 0.0)
+    monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())
+    monkeypatch.setattr(drafter, "overheads", StepOverheads())
+    monkeypatch.setattr(drafter, "plain_first_steps", Counter())
+    monkeypatch.setattr(drafter, "plain_refresh_steps_left", Counter())
+    monkeypatch.setattr(drafter, "plain_measured_at", {})
+    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(drafter.throughput, "should_decline", lambda *args: False)
+    monkeypatch.setattr(drafter.dormancy, "steps_left", 0)
+    events = []  # ("refresh", starts one) per drafting call past its first pass, ("skip", skips) per undrafted step
+    refresh, measures = drafter._starts_plain_refresh, drafter.measures_plain_first
+    monkeypatch.setattr(drafter, "_starts_plain_refresh",
+                        lambda *args: events.append(("refresh", refresh(*args))) or events[-1][1])
+    monkeypatch.setattr(drafter, "measures_plain_first",
+                        lambda *args: events.append(("skip", measures(*args))) or events[-1][1])
+    forgotten = []
+    forget = drafter.overheads.forget_plain
+    monkeypatch.setattr(drafter.overheads, "forget_plain", lambda batch: forgotten.append(batch) or forget(batch))
+    prompts = load_prompts("gsm8k", limit=4)
+    assert greedy_token_ids(default_cast_llm, prompts, 48) == greedy_token_ids(vanilla_llm, prompts, 48)
+    started = events.index(("refresh", True))
+    following = [skips for kind, skips in events[started + 1:] if kind == "skip"]
+    assert following[:PLAIN_FIRST_STEPS] == [True] * PLAIN_FIRST_STEPS, events
+    assert forgotten and set(forgotten) == {len(prompts)}
+    assert drafter.overheads.plain.median(batch_bucket(len(prompts))) is not None, "no fresh plain samples"

@@ -6,8 +6,8 @@ import torch
 
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
-from vllm_cast.step_overheads import (MIN_SAMPLES, REFRESH_SAMPLES, RESOLUTION_SECONDS, WINDOW, RecentMedians,
-                                      StepOverheads, batch_bucket)
+from vllm_cast.step_overheads import (MIN_SAMPLES, PLAIN_SAMPLES_LAST, REFRESH_SAMPLES, RESOLUTION_SECONDS, WINDOW,
+                                      RecentMedians, StepOverheads, batch_bucket)
 from vllm_cast.tree_builder import CastTreeBuilder
 
 
@@ -118,3 +118,24 @@ def test_a_chain_priced_cheaper_than_a_tree_is_verified_deeper():
     tree_priced, _ = _verified(chain_slope=0.3)
     chain_priced, is_chain = _verified(chain_slope=0.05)
     assert is_chain and chain_priced > tree_priced
+
+
+def test_plain_samples_go_stale_by_age_and_not_by_verifications(monkeypatch):
+    """A bucket's plain samples are stale once its newest is older than ``PLAIN_SAMPLES_LAST``
+    (or it has none of its own): verifications do not refresh them, a new plain step does,
+    and dropped samples leave the bucket stale and unpriced."""
+    now = [100.0]
+    monkeypatch.setattr("vllm_cast.step_overheads.time.monotonic", lambda: now[0])
+    overheads = StepOverheads()
+    assert overheads.plain_is_stale(4)
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(4, measured=3e-3, predicted=2e-3, verified_drafts=False)
+    assert not overheads.plain_is_stale(4) and not overheads.plain_is_stale(3), "3 and 4 share a bucket"
+    assert overheads.plain_is_stale(8) and overheads.plain_is_stale(2)
+    now[0] += PLAIN_SAMPLES_LAST + 0.1
+    overheads.record_step(4, measured=9e-3, predicted=4e-3, verified_drafts=True)
+    assert overheads.plain_is_stale(4)
+    overheads.record_step(4, measured=3e-3, predicted=2e-3, verified_drafts=False)
+    assert not overheads.plain_is_stale(4)
+    overheads.forget_plain(4)
+    assert overheads.plain_is_stale(4) and overheads.plain.median(batch_bucket(4), min_samples=1) is None

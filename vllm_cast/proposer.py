@@ -34,7 +34,7 @@ from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
 from vllm_cast.first_pass_rows import drafted_rows_only
 from vllm_cast.solo_probes import SoloProbes
-from vllm_cast.step_overheads import StepOverheads, batch_bucket
+from vllm_cast.step_overheads import PLAIN_SAMPLES_LAST, StepOverheads, batch_bucket
 from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
 from vllm_cast.tree import DraftChain, DraftTree
 from vllm_cast.tree_builder import CastTreeBuilder, Frontier, StepDecision
@@ -153,6 +153,11 @@ class CastProposer(EagleProposer):
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.plain_first_steps: Counter[tuple[int, bool]] = Counter()
         """Per (bucket, mode): steps skipped to measure plain decoding first."""
+        self.plain_refresh_steps_left: Counter[int] = Counter()
+        """Per bucket: steps still to skip to measure plain decoding afresh."""
+        self.plain_measured_at: dict[int, float] = {}
+        """Per bucket: ``time.monotonic()`` when skipping steps to measure plain decoding last
+        began (``measures_plain_first``)."""
         self.chain_steps_left = 0
         """Steps still to draft as chains before the tree builder decides again (see
         ``_plan_next_builder``)."""
@@ -211,7 +216,8 @@ class CastProposer(EagleProposer):
             common_attn_metadata, num_rejected_tokens_gpu)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         all_sampled = bool(sampled.all())
-        if num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower(all_sampled):
+        if (num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower(all_sampled)
+                or self._starts_plain_refresh(batch, all_sampled)):
             return [[] for _ in range(batch)]
         root_positions = self.positions[sample_rows]
         layer_inputs = _LayerInputs(root_positions, cad, self.block_size, self.max_nodes)
@@ -250,9 +256,12 @@ class CastProposer(EagleProposer):
 
     def measures_plain_first(self, all_sampled: bool) -> bool:
         """Whether this step's batch (several requests) skips the draft model to measure
-        plain decoding at its batch size before speculating there; a yes is counted against
-        ``PLAIN_FIRST_STEPS`` for the bucket and mode. The rows are kept and replayed as
-        dormant ones are (vllm_cast.dormancy). Speculating first, CAST then declined every
+        plain decoding at its batch size: before speculating there (counted against
+        ``PLAIN_FIRST_STEPS`` for the bucket and mode), or afresh when the bucket's plain
+        samples are stale (``StepOverheads.plain_is_stale``; ``PLAIN_FIRST_STEPS`` steps,
+        at most once per ``PLAIN_SAMPLES_LAST`` seconds: under constant arrivals plain steps
+        may yield no samples). The rows are kept and replayed as dormant ones are
+        (vllm_cast.dormancy). Speculating first, CAST then declined every
         other tree to measure plain steps (each declined step had run the draft in full)
         and needed more waves to judge: in benchmark order, 32 tokens, MT-Bench's greedy
         B=4 cells read 0.56-0.58x, 0.56-0.57x and 0.76-0.77x of vanilla before the verdict
@@ -260,10 +269,35 @@ class CastProposer(EagleProposer):
         batch = len(self.batch_req_ids)
         if batch < 2 or not self.cast_params.decline_unprofitable or self.cost_source is None:
             return False
-        key = (batch_bucket(batch), all_sampled)
+        bucket = batch_bucket(batch)
+        key = (bucket, all_sampled)
+        if self.plain_refresh_steps_left[bucket]:
+            self.plain_refresh_steps_left[bucket] -= 1
+            return True
         if self.plain_first_steps[key] >= PLAIN_FIRST_STEPS or self.throughput.plain_rate(batch, all_sampled) is not None:
             return False
         self.plain_first_steps[key] += 1
+        self.plain_measured_at.setdefault(bucket, time.monotonic())
+        return True
+
+    def _starts_plain_refresh(self, batch: int, all_sampled: bool) -> bool:
+        """Whether this drafting call drafts nothing so that the next ``PLAIN_FIRST_STEPS``
+        steps measure plain decoding afresh (``measures_plain_first``): the batch has several
+        requests, plain decoding was measured at its bucket, but its plain samples are stale
+        (``StepOverheads.plain_is_stale``) and the last measurement began over
+        ``PLAIN_SAMPLES_LAST`` seconds ago (under constant arrivals plain steps may yield no
+        samples). The stale samples are dropped. In a drafted stretch every step verifies
+        drafts, so plain decoding is measured only if a drafting call stops it."""
+        if batch < 2 or not self.cast_params.decline_unprofitable or not self.overheads.plain_is_stale(batch):
+            return False
+        bucket = batch_bucket(batch)
+        now = time.monotonic()
+        if (now - self.plain_measured_at.get(bucket, 0.0) <= PLAIN_SAMPLES_LAST
+                or self.throughput.plain_rate(batch, all_sampled) is None):
+            return False
+        self.overheads.forget_plain(batch)
+        self.plain_measured_at[bucket] = now
+        self.plain_refresh_steps_left[bucket] = PLAIN_FIRST_STEPS
         return True
 
     def solo_waits(self, all_sampled: bool) -> bool:

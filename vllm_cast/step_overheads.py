@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections import deque
 from collections.abc import Hashable
 
@@ -56,6 +57,16 @@ steps at a batch size come right after its prompts (``CastProposer.measures_plai
 so with them the plain overhead read 0.7-1.5 ms where steady plain steps add ~0.06 ms, and
 the gate priced plain B=4 steps at 3.9-4.0 ms (explored 6-deep trees at 6.8-8.5 ms a step
 where vanilla's steps took 2.8 ms)."""
+
+
+PLAIN_SAMPLES_LAST = 5.0
+"""Seconds after which a bucket's newest plain sample is too old to price plain decoding
+where CAST drafts (``StepOverheads.plain_is_stale``; the proposer then measures plain steps
+afresh, ``CastProposer.measures_plain_first``). The 2-core EPYC runs 1.3-2x slower for
+seconds at a time: plain B=4 steps measured while vanilla's took 5.5 ms priced the plain
+B=8 step at 6.7 ms in the cohort ledger while drafted B=8 waves ran next to vanilla steps
+of 3.1 ms, and the ledger read cohorts 1.7-2.2x faster than plain decoding that were
+0.80-0.95x of vanilla on the wall clock."""
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -145,6 +156,8 @@ class StepOverheads:
         self.verify = RecentMedians()
         self.first_pass = RecentMedians()
         self.per_layer = RecentMedians()
+        self._plain_sampled_at: dict[int, float] = {}
+        """Per bucket: ``time.monotonic()`` of its newest plain sample."""
         self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, ...], StepCosts]] = {}
         """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps,
         adjusted costs); holding the costs keeps their id from being reused while memoised."""
@@ -165,7 +178,23 @@ class StepOverheads:
     def record_step(self, batch_size: int, measured: float, predicted: float, verified_drafts: bool) -> None:
         """A decode step outside its drafting call, against its target forward (seconds);
         ``verified_drafts``: it verified draft tokens (else a plain step)."""
-        (self.verify if verified_drafts else self.plain).add(batch_bucket(batch_size), measured - predicted)
+        bucket = batch_bucket(batch_size)
+        if verified_drafts:
+            self.verify.add(bucket, measured - predicted)
+        else:
+            self.plain.add(bucket, measured - predicted)
+            self._plain_sampled_at[bucket] = time.monotonic()
+
+    def plain_is_stale(self, batch_size: int) -> bool:
+        """Whether the bucket has no plain sample of its own newer than ``PLAIN_SAMPLES_LAST``."""
+        sampled_at = self._plain_sampled_at.get(batch_bucket(batch_size))
+        return sampled_at is None or time.monotonic() - sampled_at > PLAIN_SAMPLES_LAST
+
+    def forget_plain(self, batch_size: int) -> None:
+        """Drop the bucket's plain samples (plain steps about to be measured afresh price it)."""
+        bucket = batch_bucket(batch_size)
+        self.plain.forget(bucket)
+        self._plain_sampled_at.pop(bucket, None)
 
     def record_drafting(self, batch_size: int, measured: float, predicted_first_pass: float, measured_layers: float,
                         predicted_layers: float, layers: int) -> None:
