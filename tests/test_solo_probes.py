@@ -6,7 +6,7 @@ from conftest import greedy_token_ids, model_runner
 
 from vllm_cast.prompts import load_prompts
 from vllm_cast.solo_probes import (COMPANY_OUTCOMES, LONGEST_REPROBE_WAIT, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES,
-                                   PROBE_STEPS, REPROBE_WAIT_STEPS, SoloProbes)
+                                   PROBE_STEPS, REEXAMINED_PROBES, REPROBE_WAIT_STEPS, SoloProbes)
 
 PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
 
@@ -48,7 +48,13 @@ def test_probing_stops_in_a_mode_where_no_recent_probe_paid_until_resumed():
     assert not solo.wants_probe("next", True), f"none of the last {PROBE_OUTCOMES} probed requests paid"
     assert solo.wants_probe("next", False), "greedy requests are judged apart"
     solo.resume_probing(True)
-    assert solo.wants_probe("next", True)
+    for index in range(REEXAMINED_PROBES):
+        assert solo.wants_probe(f"again{index}", True), "re-examined on new probes"
+        _probe_and_measure(solo, f"again{index}", 1, 0.010, sampled=True)
+    assert not solo.wants_probe("next", True), "the re-examination's probes did not pay either"
+    solo.resume_probing(True)
+    _probe_and_measure(solo, "fast again", 7, 0.020, sampled=True)
+    assert solo.wants_probe("next", True), "a re-examination's probe paid: probing goes on"
 
 
 def test_probes_are_as_deep_as_recent_probes_of_their_mode_were_accepted_plus_headroom():

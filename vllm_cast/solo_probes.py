@@ -34,7 +34,8 @@ batch having been accepted one deep on every step.
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
 this head: never), new solo requests are not probed and the pooled verdict rules them,
-until the pooled speculative samples go stale (vllm_cast.throughput) and probing resumes.
+until the pooled speculative samples go stale (vllm_cast.throughput) and
+``REEXAMINED_PROBES`` new requests are probed.
 
 A request that arrives alone is not always left alone: clients in step with each other (a
 benchmark's waves, fixed-length requests) send a burst whose first request reaches the
@@ -56,6 +57,12 @@ own verdict (measured at greedy B=1, 32 tokens, six tasks side by side: one prob
 two 1.14x of vanilla, the EAGLE-3 chain with 4 tokens 1.09x)."""
 PROBE_OUTCOMES = 8
 """Recent probed requests per verification mode; probing stops while none of them paid."""
+REEXAMINED_PROBES = 2
+"""Requests probed when a mode's pooled samples go stale while none of its recent probed
+requests paid: as many as the cohorts a bucket re-examines on (vllm_cast.throughput's
+``COHORTS_TO_JUDGE``, whose wait prices that many). Probing ``PROBE_OUTCOMES`` afresh, 16 of
+24 sampled B=1 requests in a row were probed (two probes up to 6 deep and a prompt pass,
+~8 ms of a ~170 ms request each), none of them paying."""
 PROBE_DEPTH_HEADROOM = 2
 """Draft nodes a probe drafts beyond the longest run of its mode's recent probes."""
 COMPANY_OUTCOMES = 4
@@ -174,9 +181,12 @@ class SoloProbes:
         self.steps.forget(req_id)
 
     def resume_probing(self, all_sampled: bool) -> None:
-        """Forget whether recent probes paid in this mode, and how deep they were accepted
-        (the pooled samples went stale)."""
-        self.paid[all_sampled].clear()
+        """The pooled samples went stale: forget how deep this mode's recent probes were
+        accepted, and whether its oldest ``REEXAMINED_PROBES`` probed requests paid (so that
+        many new requests are probed before outcomes of which none paid stop probing again)."""
+        paid = self.paid[all_sampled]
+        for _ in range(min(REEXAMINED_PROBES, len(paid))):
+            paid.popleft()
         self.accepted_runs[all_sampled].clear()
 
     def retain(self, req_ids: list[str]) -> None:
