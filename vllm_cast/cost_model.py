@@ -340,8 +340,8 @@ def profile_table(key: TableKey, time_target: ForwardTimer, time_draft: ForwardT
     timers = {"target": time_target, "draft": time_draft, "chain": time_chain_target, "chain_draft": time_chain_draft}
     timers = {name: timer for name, timer in timers.items() if timer is not None}
     causal_once = {"chain": "target", "chain_draft": "draft"}  # single-token forwards are causal anyway
+    # Per model: seconds [rounds, batch sizes, contexts, new tokens].
     samples = {name: torch.zeros((PROFILE_ROUNDS, *shape), dtype=torch.float64) for name in timers}
-    """Per model: seconds ``[rounds, batch sizes, contexts, new tokens]``."""
     progress_bar = tqdm(total=PROFILE_ROUNDS * len(cells), desc="profile cost table", unit="cell", disable=not progress)
     for round_index in range(PROFILE_ROUNDS):
         for i, j, k in cells:

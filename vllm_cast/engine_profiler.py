@@ -85,7 +85,7 @@ class ForwardTimers:
     def _time(self, run: Callable[[], None]) -> float:
         """``run`` timed warm (``warm_seconds``) in inference mode, as vLLM's runner runs its
         forwards. On the 2-core EPYC, B=4 plain forwards took 2.0 ms warm and 2.75 ms timed
-        right after other cells' forwards (its weights out of the caches), and 0.2-0.3 ms
+        right after other cells' forwards (their weights out of the caches), and 0.2-0.3 ms
         more with autograd on (B=8 plain 2.70 against 2.42 ms): either priced plain steps
         above the real ones."""
         with torch.inference_mode():
