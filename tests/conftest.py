@@ -54,11 +54,6 @@ def greedy_token_ids(llm, prompts: list[str], max_tokens: int) -> list[list[int]
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def spec_counters(llm) -> dict[str, float]:
-    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens)."""
-    return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
-
-
 def _executor(llm):
     """The model executor of an in-process offline engine."""
     return llm.llm_engine.engine_core.engine_core.model_executor
