@@ -56,7 +56,7 @@ def _tokens_per_decode_step(llm, prompts: list[str], batch_size: int) -> float:
     return tokens / steps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # an in-process engine's shutdown tears down the others' distributed state
 def branching_llm(target_dir: str, draft_dir: str):
     """CAST trees no deeper than the chain below (4 layers), up to 4 children per node, and
     thresholds near 0, so that the node budget and the nodes' values shape them, not the
