@@ -41,6 +41,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    from benchmarks.decode_steps import DecodeCount, generate_counting_steps
     from vllm_cast.prompts import load_prompts
 
     spec = json.loads(args.spec)
@@ -51,18 +52,17 @@ def main() -> None:
               seed=0, disable_log_stats=False, max_num_seqs=args.max_batch, enable_prefix_caching=False)
     is_cast = bool(spec) and spec.get("method") == "cast"
 
-    def run(task: str, temperature: float, batch: int) -> tuple[float, int]:
-        """Seconds and tokens of decoding the cell's waves of ``batch`` requests."""
+    def run(task: str, temperature: float, batch: int) -> tuple[float, DecodeCount]:
+        """Seconds, tokens and decode steps of decoding the cell's waves of ``batch`` requests."""
         prompts = load_prompts(task)
         waves = -(-REQUESTS_PER_CELL // batch)
         params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=True)
-        tokens = 0
+        count = DecodeCount()
         start = time.perf_counter()
         for wave in range(waves):
-            outputs = llm.generate([prompts[(wave * batch + i) % len(prompts)] for i in range(batch)], params,
-                                   use_tqdm=False)
-            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        return time.perf_counter() - start, tokens
+            count += generate_counting_steps(llm, [prompts[(wave * batch + i) % len(prompts)] for i in range(batch)],
+                                             params)
+        return time.perf_counter() - start, count
 
     run("mt_bench", 0.0, 1)  # warm-up
     print("READY", flush=True)
@@ -72,16 +72,17 @@ def main() -> None:
         task, temperature, batch = json.loads(line)
         before = _counters(llm)
         stats_before = llm.collective_rpc("cast_stats")[0] if is_cast else None
-        seconds, tokens = run(task, temperature, batch)
+        seconds, count = run(task, temperature, batch)
         after = _counters(llm)
 
         def delta(name: str, after=after, before=before) -> float:
             return after.get(f"vllm:spec_decode_{name}", 0.0) - before.get(f"vllm:spec_decode_{name}", 0.0)
 
         drafts = delta("num_drafts")
-        row = {"task": task, "temperature": temperature, "batch_size": batch, "seconds": seconds, "tokens": tokens,
-               "tokens_per_s": tokens / seconds,
-               "mean_accepted_length": 1 + delta("num_accepted_tokens") / drafts if drafts else 1.0,
+        row = {"task": task, "temperature": temperature, "batch_size": batch, "seconds": seconds,
+               "tokens": count.tokens, "tokens_per_s": count.tokens / seconds,
+               "mean_accepted_length": count.accepted_per_draft(drafts),
+               "tokens_per_step": count.tokens_per_step,
                "verified_tokens_per_step": 1 + delta("num_draft_tokens") / drafts if drafts else 1.0}
         if is_cast:
             stats = llm.collective_rpc("cast_stats")[0]

@@ -125,7 +125,7 @@ def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
             continue
         group = [r for r in rows if (r["config"], r["temperature"], r["batch_size"]) == (config, temperature, batch)]
         entry = {"config": config, "temperature": temperature, "batch_size": batch}
-        for field in ("speedup", "tokens_per_s", "mean_accepted_length", "verified_tokens_per_step",
+        for field in ("speedup", "tokens_per_s", "mean_accepted_length", "tokens_per_step", "verified_tokens_per_step",
                       "measured_step_ms", "predicted_step_ms"):
             values = [r[field] for r in group if field in r]
             if values:
@@ -159,13 +159,15 @@ def plot(summary: list[dict], configs: list[str], path: Path) -> None:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| config | T | batch | speedup | tokens/s | mean accepted length | verified tokens/step | predicted / measured step ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | T | batch | speedup | tokens/s | mean accepted length | tokens/step | verified tokens/step | "
+             "predicted / measured step ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         timing = (f"{s['predicted_step_ms']:.2f} / {s['measured_step_ms']:.2f}"
                   if "measured_step_ms" in s else "")
         lines.append(f"| {s['config']} | {s['temperature']:g} | {s['batch_size']} | {s['speedup']:.2f} | "
-                     f"{s['tokens_per_s']:.0f} | {s['mean_accepted_length']:.2f} | {s['verified_tokens_per_step']:.2f} | {timing} |")
+                     f"{s['tokens_per_s']:.0f} | {s['mean_accepted_length']:.2f} | {s['tokens_per_step']:.2f} | "
+                     f"{s['verified_tokens_per_step']:.2f} | {timing} |")
     return "\n".join(lines) + "\n"
 
 

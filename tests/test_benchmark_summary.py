@@ -1,7 +1,9 @@
-"""The benchmark's derived rows (benchmarks.speedup): speedups and the best EAGLE-3 chain."""
+"""The benchmark's derived rows (benchmarks.speedup): speedups and the best EAGLE-3 chain; its
+per-step counts (benchmarks.decode_steps)."""
 
 from __future__ import annotations
 
+from benchmarks.decode_steps import DecodeCount
 from benchmarks.speedup import add_derived
 
 
@@ -18,3 +20,13 @@ def test_the_best_chain_is_one_setting_per_batch_size_not_one_per_task():
     best = {row["task"]: row for row in add_derived(rows) if row["config"] == "eagle3_chain_best"}
     assert {task: row["chain_k"] for task, row in best.items()} == {"code": 1, "chat": 1}
     assert abs(best["code"]["speedup"] - 1.2) < 1e-9 and abs(best["chat"]["speedup"] - 1.05) < 1e-9
+
+
+def test_undrafted_steps_count_in_tokens_per_step_but_not_in_accepted_length():
+    """One request, 40 tokens: its prompt step's token, then 15 decode steps of which 10
+    verified drafts; the other 5 emitted one token each, so the 10 drafted steps emitted 34,
+    24 of them accepted draft tokens."""
+    count = DecodeCount(tokens=40, requests=1, decode_steps=15)
+    assert abs(count.tokens_per_step - 39 / 15) < 1e-9
+    assert abs(count.accepted_per_draft(10) - 3.4) < 1e-9
+    assert count.accepted_per_draft(0) == 1.0 and DecodeCount().tokens_per_step == 1.0

@@ -4,15 +4,14 @@ the target's sampling distribution preserved."""
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
 from conftest import cast_stats, count_draft_rpcs, greedy_token_ids, make_llm, model_runner, tree_spec
 from scipy.stats import chi2_contingency
 from vllm import SamplingParams
-from vllm.sampling_params import RequestOutputKind
 
+from benchmarks.decode_steps import DecodeCount, generate_counting_steps
 from vllm_cast.prompts import TASKS, load_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
@@ -29,31 +28,14 @@ def _generate(llm, prompts: list[str], params: SamplingParams, batch_size: int) 
     return out
 
 
-_request_numbers = itertools.count()
-
-
 def _tokens_per_decode_step(llm, prompts: list[str], batch_size: int) -> float:
-    """Greedy tokens a request gains per decode step (bonus token included), over
-    ``prompts`` submitted ``batch_size`` at a time and stepped through the engine's own loop.
-    Counted from what each step emits, the same way for every engine: vLLM's spec-decode
-    counters also count draft tokens accepted past ``max_tokens``, which a request never
-    emits (CAST drafts none of them)."""
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=40, output_kind=RequestOutputKind.DELTA)
-    tokens = steps = 0
+    """Greedy tokens a request emits per decode step (bonus included), ``prompts`` submitted
+    ``batch_size`` at a time; counted from each step's output, the same way for every engine
+    (benchmarks.decode_steps)."""
+    count = DecodeCount()
     for start in range(0, len(prompts), batch_size):
-        for offset, prompt in enumerate(prompts[start : start + batch_size]):
-            engine.add_request(f"tokens-per-step-{next(_request_numbers)}-{start + offset}", prompt, params)
-        decoding: set[str] = set()
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                emitted = len(output.outputs[0].token_ids)
-                if output.request_id in decoding:
-                    tokens, steps = tokens + emitted, steps + 1
-                elif emitted:  # the prompt step's token
-                    decoding.add(output.request_id)
-                    tokens += emitted - 1
-    return tokens / steps
+        count += generate_counting_steps(llm, prompts[start : start + batch_size], GREEDY)
+    return count.tokens_per_step
 
 
 @pytest.fixture(scope="session")  # an in-process engine's shutdown tears down the others' distributed state
