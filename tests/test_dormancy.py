@@ -148,6 +148,23 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert forward_outputs[0], "the first step of drafted requests had no auxiliary hidden states"
 
 
+def test_rows_of_finished_requests_are_dropped_while_no_request_is_drafted(vanilla_llm, default_cast_llm,
+                                                                          monkeypatch):
+    """Rows remembered for a request that finished while dormant, then a batch whose every
+    request is undrafted from its first step (no prompt pass could pay, forced): the stash
+    is emptied, since no request will replay those rows, and output stays vanilla's."""
+    runner = model_runner(default_cast_llm)
+    monkeypatch.setattr(runner.drafter, "prompt_pass_pays", lambda *args: False)
+    dormancy = runner.drafter.dormancy
+    dormancy.remember(["finished-while-dormant"], torch.zeros(3, dtype=torch.long), torch.arange(3), torch.zeros(3, 8),
+                      [0, 3])
+    prompts = load_prompts("qa", limit=4)
+    before = cast_stats(default_cast_llm)["undrafted_requests"]
+    assert greedy_token_ids(default_cast_llm, prompts, 8) == greedy_token_ids(vanilla_llm, prompts, 8)
+    assert cast_stats(default_cast_llm)["undrafted_requests"] - before == len(prompts)
+    assert dormancy.stashed_rows == 0, "rows no request will replay are still kept"
+
+
 def test_sampled_requests_stop_being_drafted_once_probes_measure_slower(default_cast_llm):
     """T=1 on this fixture, one request at a time: each request's solo probes (and any
     dormant probes) measure slower than plain decoding, so it is undrafted; once no recent

@@ -303,9 +303,10 @@ class CastRunnerMixin:
         any_drafted = any(drafted)
         speculative = True
         if not any_drafted or self._undraft_if_hopeless(req_ids, self._drafted_rows, num_scheduled_tokens):
-            if any_drafted:
-                self.drafter.dormancy.forget()  # every request is undrafted now
-                self._drafted_rows[:] = False
+            # Every request is undrafted now: no remembered row (of these requests, or of
+            # requests that finished while dormant) will be replayed.
+            self.drafter.dormancy.forget()
+            self._drafted_rows[:] = False
             if self._spec_tokens == 0 and not self.use_async_scheduling:
                 speculative = False
                 self.speculative_config = None  # back in sample_tokens
