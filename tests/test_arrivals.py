@@ -49,6 +49,7 @@ def test_a_chunked_wave_is_undrafted_before_the_draft_reads_its_prompts(vanilla_
     step, holding 2-3 requests: the draft never runs on its prompts and output is vanilla's."""
     runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner, "_arrivals", ArrivalForecast())  # earlier tests' lone arrivals decoded alone
+    default_cast_llm.reset_prefix_cache()  # earlier tests' sum prompts would make the first wave's prefill short
     judged_sizes = []
 
     def hopeless_from_eight(batch_size: int, context: float, all_sampled: bool) -> bool:
