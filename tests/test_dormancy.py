@@ -223,7 +223,8 @@ def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_ll
     """Where CAST drafts, every step verifies drafts and no plain step is measured; once the
     batch size's plain samples are older than ``PLAIN_SAMPLES_LAST`` (0 here), a drafting
     call drafts nothing, the samples are dropped and the next ``PLAIN_FIRST_STEPS`` steps run
-    plain, keeping their rows, and yield fresh samples. Output stays vanilla's."""
+    plain, keeping their rows, and yield fresh samples; a refresh left from another batch
+    size ends at the first step. Output stays vanilla's."""
     runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     for name in ("step_overheads", "proposer"):
@@ -231,7 +232,7 @@ def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_ll
     monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())
     monkeypatch.setattr(drafter, "overheads", StepOverheads())
     monkeypatch.setattr(drafter, "plain_first_steps", Counter())
-    monkeypatch.setattr(drafter, "plain_refresh_steps_left", Counter())
+    monkeypatch.setattr(drafter, "plain_refresh", (batch_bucket(32), PLAIN_FIRST_STEPS))  # left from a batch of 32
     monkeypatch.setattr(drafter, "plain_measured_at", {})
     monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args: False)
     monkeypatch.setattr(drafter.throughput, "should_decline", lambda *args: False)
@@ -252,3 +253,4 @@ def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_ll
     assert following[:PLAIN_FIRST_STEPS] == [True] * PLAIN_FIRST_STEPS, events
     assert forgotten and set(forgotten) == {len(prompts)}
     assert drafter.overheads.plain.median(batch_bucket(len(prompts))) is not None, "no fresh plain samples"
+    assert drafter.plain_refresh is None or drafter.plain_refresh[0] != batch_bucket(32), "a refresh outlived its batch size"

@@ -153,8 +153,10 @@ class CastProposer(EagleProposer):
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.plain_first_steps: Counter[tuple[int, bool]] = Counter()
         """Per (bucket, mode): steps skipped to measure plain decoding first."""
-        self.plain_refresh_steps_left: Counter[int] = Counter()
-        """Per bucket: steps still to skip to measure plain decoding afresh."""
+        self.plain_refresh: tuple[int, int] | None = None
+        """(bucket, steps still to skip) while measuring plain decoding afresh; the batch
+        leaving the bucket ends it (a count left over would force plain steps whenever the
+        bucket came back)."""
         self.plain_measured_at: dict[int, float] = {}
         """Per bucket: ``time.monotonic()`` when skipping steps to measure plain decoding last
         began (``measures_plain_first``)."""
@@ -258,9 +260,9 @@ class CastProposer(EagleProposer):
         """Whether this step's batch (several requests) skips the draft model to measure
         plain decoding at its batch size: before speculating there (counted against
         ``PLAIN_FIRST_STEPS`` for the bucket and mode), or afresh when the bucket's plain
-        samples are stale (``StepOverheads.plain_is_stale``; ``PLAIN_FIRST_STEPS`` steps,
-        at most once per ``PLAIN_SAMPLES_LAST`` seconds: under constant arrivals plain steps
-        may yield no samples). The rows are kept and replayed as dormant ones are
+        samples are stale (``StepOverheads.plain_is_stale``; the next ``PLAIN_FIRST_STEPS``
+        steps while the batch stays in the bucket, at most once per ``PLAIN_SAMPLES_LAST``
+        seconds: under constant arrivals plain steps may yield no samples). The rows are kept and replayed as dormant ones are
         (vllm_cast.dormancy). Speculating first, CAST then declined every
         other tree to measure plain steps (each declined step had run the draft in full)
         and needed more waves to judge: in benchmark order, 32 tokens, MT-Bench's greedy
@@ -271,9 +273,11 @@ class CastProposer(EagleProposer):
             return False
         bucket = batch_bucket(batch)
         key = (bucket, all_sampled)
-        if self.plain_refresh_steps_left[bucket]:
-            self.plain_refresh_steps_left[bucket] -= 1
-            return True
+        if self.plain_refresh is not None:
+            refresh_bucket, steps_left = self.plain_refresh
+            self.plain_refresh = (bucket, steps_left - 1) if refresh_bucket == bucket and steps_left > 1 else None
+            if refresh_bucket == bucket:
+                return True
         if self.plain_first_steps[key] >= PLAIN_FIRST_STEPS or self.throughput.plain_rate(batch, all_sampled) is not None:
             return False
         self.plain_first_steps[key] += 1
@@ -297,7 +301,7 @@ class CastProposer(EagleProposer):
             return False
         self.overheads.forget_plain(batch)
         self.plain_measured_at[bucket] = now
-        self.plain_refresh_steps_left[bucket] = PLAIN_FIRST_STEPS
+        self.plain_refresh = (bucket, PLAIN_FIRST_STEPS)
         return True
 
     def solo_waits(self, all_sampled: bool) -> bool:
