@@ -253,4 +253,5 @@ def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_ll
     assert following[:PLAIN_FIRST_STEPS] == [True] * PLAIN_FIRST_STEPS, events
     assert forgotten and set(forgotten) == {len(prompts)}
     assert drafter.overheads.plain.median(batch_bucket(len(prompts))) is not None, "no fresh plain samples"
-    assert drafter.plain_refresh is None or drafter.plain_refresh[0] != batch_bucket(32), "a refresh outlived its batch size"
+    left = drafter.plain_refresh
+    assert left is None or left[0] != batch_bucket(32), "a refresh outlived its batch size"

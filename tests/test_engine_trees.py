@@ -93,7 +93,8 @@ def test_trees_accept_more_per_step_than_the_eagle3_chain(chain_llm, branching_l
     prompts = PROMPTS[:12]
     chain = _tokens_per_decode_step(chain_llm, prompts, 4)
     trees = _tokens_per_decode_step(branching_llm, prompts, 4)
-    print(f"tokens per decode step: EAGLE-3 chain (4 tokens) {chain:.2f}, CAST trees (<=16 nodes, depth <=4) {trees:.2f}")
+    print(f"tokens per decode step: EAGLE-3 chain (4 tokens) {chain:.2f}, "
+          f"CAST trees (<=16 nodes, depth <=4) {trees:.2f}")
     assert trees > chain
 
 

@@ -262,10 +262,10 @@ class CastProposer(EagleProposer):
         ``PLAIN_FIRST_STEPS`` for the bucket and mode), or afresh when the bucket's plain
         samples are stale (``StepOverheads.plain_is_stale``; the next ``PLAIN_FIRST_STEPS``
         steps while the batch stays in the bucket, at most once per ``PLAIN_SAMPLES_LAST``
-        seconds: under constant arrivals plain steps may yield no samples). The rows are kept and replayed as dormant ones are
-        (vllm_cast.dormancy). Speculating first, CAST then declined every
-        other tree to measure plain steps (each declined step had run the draft in full)
-        and needed more waves to judge: in benchmark order, 32 tokens, MT-Bench's greedy
+        seconds: under constant arrivals plain steps may yield no samples). The rows are
+        kept and replayed as dormant ones are (vllm_cast.dormancy). Speculating first, CAST
+        then declined every other tree to measure plain steps (each declined step had run
+        the draft in full) and needed more waves to judge: in benchmark order, 32 tokens, MT-Bench's greedy
         B=4 cells read 0.56-0.58x, 0.56-0.57x and 0.76-0.77x of vanilla before the verdict
         held, and 0.62-0.67x and 0.77-0.81x with plain decoding measured first."""
         batch = len(self.batch_req_ids)
