@@ -265,9 +265,10 @@ class CastProposer(EagleProposer):
         seconds: under constant arrivals plain steps may yield no samples). The rows are
         kept and replayed as dormant ones are (vllm_cast.dormancy). Speculating first, CAST
         then declined every other tree to measure plain steps (each declined step had run
-        the draft in full) and needed more waves to judge: in benchmark order, 32 tokens, MT-Bench's greedy
-        B=4 cells read 0.56-0.58x, 0.56-0.57x and 0.76-0.77x of vanilla before the verdict
-        held, and 0.62-0.67x and 0.77-0.81x with plain decoding measured first."""
+        the draft in full) and needed more waves to judge: in benchmark order, 32 tokens,
+        MT-Bench's greedy B=4 cells read 0.56-0.58x, 0.56-0.57x and 0.76-0.77x of vanilla
+        before the verdict held, and 0.62-0.67x and 0.77-0.81x with plain decoding measured
+        first."""
         batch = len(self.batch_req_ids)
         if batch < 2 or not self.cast_params.decline_unprofitable or self.cost_source is None:
             return False
@@ -275,9 +276,10 @@ class CastProposer(EagleProposer):
         key = (bucket, all_sampled)
         if self.plain_refresh is not None:
             refresh_bucket, steps_left = self.plain_refresh
-            self.plain_refresh = (bucket, steps_left - 1) if refresh_bucket == bucket and steps_left > 1 else None
             if refresh_bucket == bucket:
+                self.plain_refresh = (bucket, steps_left - 1) if steps_left > 1 else None
                 return True
+            self.plain_refresh = None  # the batch left the refresh's bucket
         if self.plain_first_steps[key] >= PLAIN_FIRST_STEPS or self.throughput.plain_rate(batch, all_sampled) is not None:
             return False
         self.plain_first_steps[key] += 1
