@@ -41,6 +41,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    from benchmarks.allocator import minor_page_faults
     from benchmarks.decode_steps import DecodeCount, generate_counting_steps
     from vllm_cast.prompts import load_prompts
 
@@ -72,7 +73,9 @@ def main() -> None:
         task, temperature, batch = json.loads(line)
         before = _counters(llm)
         stats_before = llm.collective_rpc("cast_stats")[0] if is_cast else None
+        faults_before = minor_page_faults()
         seconds, count = run(task, temperature, batch)
+        faults = minor_page_faults() - faults_before
         after = _counters(llm)
 
         def delta(name: str, after=after, before=before) -> float:
@@ -83,7 +86,8 @@ def main() -> None:
                "tokens": count.tokens, "tokens_per_s": count.tokens / seconds,
                "mean_accepted_length": count.accepted_per_draft(drafts),
                "tokens_per_step": count.tokens_per_step,
-               "verified_tokens_per_step": 1 + delta("num_draft_tokens") / drafts if drafts else 1.0}
+               "verified_tokens_per_step": 1 + delta("num_draft_tokens") / drafts if drafts else 1.0,
+               "minor_page_faults": faults}
         if is_cast:
             stats = llm.collective_rpc("cast_stats")[0]
             steps = stats["timed_steps"] - stats_before["timed_steps"]

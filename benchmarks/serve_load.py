@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks.allocator import pin_heap_for_child_processes
 from vllm_cast.prompts import TASKS, load_prompts
 from vllm_cast.serving import served, timed_stream
 
@@ -63,6 +64,7 @@ def main() -> None:
     from vllm_cast.fixtures.build import build_fixture
 
     fixture = build_fixture("ci")
+    pin_heap_for_child_processes()
     target, draft = str(fixture / "target"), str(fixture / "eagle3")
     prompts = [p for task in TASKS for p in load_prompts(task, limit=args.requests)]
     prompts = [prompts[(i * 7) % len(prompts)][:1500] for i in range(args.requests)]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks.allocator import pin_heap_for_child_processes
 from vllm_cast.prompts import TASKS
 
 FIXED_TREE = {"breadth_threshold": 1e-9, "depth_threshold": 0.0, "verify_threshold": 1e-9,
@@ -126,7 +127,7 @@ def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
         group = [r for r in rows if (r["config"], r["temperature"], r["batch_size"]) == (config, temperature, batch)]
         entry = {"config": config, "temperature": temperature, "batch_size": batch}
         for field in ("speedup", "tokens_per_s", "mean_accepted_length", "tokens_per_step", "verified_tokens_per_step",
-                      "measured_step_ms", "predicted_step_ms"):
+                      "measured_step_ms", "predicted_step_ms", "minor_page_faults"):
             values = [r[field] for r in group if field in r]
             if values:
                 entry[field] = statistics.fmean(values)
@@ -192,6 +193,7 @@ def main() -> None:
     configs = configurations(str(fixture / "eagle3"))
     names = args.configs or list(configs)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine (whole GiB); all run at once
+    pin_heap_for_child_processes()
     processes = [ConfigurationProcess(name, configs[name], str(fixture / "target"), max(batches), max_tokens)
                  for name in tqdm(names, desc="start engines", unit="engine")]
     try:

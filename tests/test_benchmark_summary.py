@@ -30,3 +30,19 @@ def test_undrafted_steps_count_in_tokens_per_step_but_not_in_accepted_length():
     assert abs(count.tokens_per_step - 39 / 15) < 1e-9
     assert abs(count.accepted_per_draft(10) - 3.4) < 1e-9
     assert count.accepted_per_draft(0) == 1.0 and DecodeCount().tokens_per_step == 1.0
+
+
+def test_benchmarked_processes_start_with_the_pinned_heap_and_keep_user_settings(monkeypatch):
+    """The variables reach a process started afterwards (glibc reads them at start-up); a
+    value the user set stays."""
+    import subprocess
+    import sys
+
+    from benchmarks.allocator import PINNED_HEAP_ENV, pin_heap_for_child_processes
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    pin_heap_for_child_processes()
+    seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_THRESHOLD_'], "
+                           "os.environ['MALLOC_TRIM_THRESHOLD_'])"], capture_output=True, text=True, check=True)
+    assert seen.stdout.split() == [PINNED_HEAP_ENV["MALLOC_MMAP_THRESHOLD_"], "12345"]
