@@ -9,7 +9,7 @@ Measured on the 2-core AMD EPYC, full grid (both engines in their own process, 6
 thousand over the sampled ones, CAST 2.1 and 2.3 million; CAST's sampled sum cells (all
 plain decoding) read 0.85-0.90x of vanilla, 0.4 million faults in a B=32 cell against
 vanilla's ~0. With the heap pinned (no trimming, mmap threshold fixed at 32 MiB) both
-engines took under 0.11 million faults in the whole grid and those cells read 0.95-1.01x.
+engines took under 0.11 million faults in the whole grid and those cells read 0.95-1.02x.
 
 vLLM recommends tcmalloc on CPU for the same reason; these glibc settings need no extra
 library. Values already in the environment are kept."""
