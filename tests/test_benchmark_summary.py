@@ -3,6 +3,10 @@ per-step counts (benchmarks.decode_steps)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+from benchmarks.allocator import PINNED_HEAP_ENV, pin_heap_for_child_processes
 from benchmarks.decode_steps import DecodeCount
 from benchmarks.speedup import add_derived
 
@@ -34,13 +38,11 @@ def test_undrafted_steps_count_in_tokens_per_step_but_not_in_accepted_length():
 
 def test_benchmarked_processes_start_with_the_pinned_heap_and_keep_user_settings(monkeypatch):
     """The variables reach a process started afterwards (glibc reads them at start-up); a
-    value the user set stays."""
-    import subprocess
-    import sys
-
-    from benchmarks.allocator import PINNED_HEAP_ENV, pin_heap_for_child_processes
-
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    value the user set stays. Both variables are restored afterwards (set first so that
+    monkeypatch records them: deleting an absent variable records nothing, and the pinned
+    value would reach every later test's processes)."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "unset by the test")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
     pin_heap_for_child_processes()
     seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_THRESHOLD_'], "
