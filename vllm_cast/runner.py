@@ -33,6 +33,7 @@ from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
 from vllm_cast.step_overheads import AFTER_PROMPT_STEPS
 from vllm_cast.stats import CastStats
+from vllm_cast.step_clock import StepClock
 from vllm_cast.tree import DraftTree, ancestor_mask, depths
 from vllm_cast.tree_builder import StepDecision
 from vllm_cast.tree_sampler import GREEDY_EPS, TreeVerdicts, needs_logits_processing, verify_trees
@@ -85,7 +86,7 @@ class CastRunnerMixin:
         self._verify_plan: TreePlan | None = None
         self._verdicts: TreeVerdicts | None = None
         self.cast_stats = CastStats()
-        self._step_started = 0.0
+        self._step_clock = StepClock()
         self._drafting_seconds = 0.0
         self._emitted_tokens = 0
         self._verified_drafts = False
@@ -134,7 +135,7 @@ class CastRunnerMixin:
 
     # -- step timing (measured against the cost table's prediction) ------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        self._step_started = time.perf_counter()
+        self._step_clock.start()
         self._step_tokens = scheduler_output.total_num_scheduled_tokens
         self._spec_tokens = sum(len(drafts) for drafts in scheduler_output.scheduled_spec_decode_tokens.values())
         # One row per request plus its drafts, and no request starting (a new or resumed
@@ -158,14 +159,15 @@ class CastRunnerMixin:
             output = super().sample_tokens(grammar_output)
         finally:
             self.speculative_config = self.vllm_config.speculative_config
-        self._time_step(time.perf_counter() - self._step_started, predicted_verify)
+        self._time_step(self._step_clock.stop(), predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
         self._drafted_last_step = self._verified_drafts or decision is not None
         return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
     def _time_step(self, measured: float, predicted_verify: float | None) -> None:
-        """Compare a step's wall time with the cost table: for the stats (speculative
+        """Compare a step's wall time (``measured``: the runner's share and the engine
+        loop's gap before it, vllm_cast.step_clock) with the cost table: for the stats (speculative
         steps) and, for decode-only steps past the first ``AFTER_PROMPT_STEPS`` after a
         step with prompt rows, the drafter's measured overheads (``_record_overheads``).
         Every decode-only step is a throughput sample unless it ran a shape for the first
