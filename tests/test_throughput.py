@@ -50,9 +50,12 @@ def test_before_its_cohorts_finish_a_bucket_calls_speculation_slower_only_when_f
     throughput = MeasuredThroughput()
     _record(throughput, 2, speculative=False, tokens=2, seconds=0.002)  # 1000 tokens/s
     _record(throughput, 2, speculative=True, tokens=4, seconds=0.005)  # 800 tokens/s: a wave's first steps
+    assert "step_verdict_slower_b1" not in throughput.summary() and not throughput.verdicts, "asking forms no verdict"
     assert not throughput.measured_slower(2, False), "slower, but not under STRONGLY_SLOWER: keep measuring"
+    assert throughput.summary()["step_verdict_slower_b1"] == 0.0
     _record(throughput, 2, speculative=True, tokens=2, seconds=0.005, steps=WINDOW_ENTRIES)  # 400 tokens/s
     assert 400 < STRONGLY_SLOWER * 1000 and throughput.measured_slower(2, False)
+    assert throughput.summary()["step_verdict_slower_b1"] == 1.0
 
 
 def _cohort(throughput: MeasuredThroughput, paces: dict[str, int], tokens: int, seconds: float,
@@ -82,6 +85,7 @@ def test_a_bucket_judges_speculation_on_its_finished_cohorts_once_it_has_enough(
     # a token: 72 of 81 ms, a 0.89x cohort, although a was done after 6 steps.
     _cohort(throughput, {"a": 7, "b": 2}, tokens=36, seconds=0.0045, plain_step=0.002)
     assert abs(throughput.cohorts.results[(1, False)][-1].speedup - 72 / 81) < 1e-9
+    assert abs(throughput.summary()["cohort_speedup_b1"] - 72 / 81) < 1e-9
     assert COHORTS_TO_JUDGE == 2 and 72 / 81 > CLEARLY_SLOWER
     assert not throughput.measured_slower(2, False), "one cohort not clearly slower is not enough"
     _cohort(throughput, {"c": 3, "d": 3}, tokens=36, seconds=0.005, plain_step=0.002)  # 1.2x

@@ -257,11 +257,22 @@ class MeasuredThroughput:
         return False
 
     def summary(self) -> dict[str, float]:
-        """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``."""
+        """Pooled rates in tokens/s, keyed ``<spec|plain>_tps_b<bucket>[_sampled]``; the mean
+        speedup of each bucket's recent finished cohorts, ``cohort_speedup_b<bucket>[_sampled]``;
+        and each step verdict held now, ``step_verdict_slower_b<bucket>[_sampled]`` (1: slower).
+        Read only: no verdict is formed by asking."""
+        def suffix(bucket: int, sampled: bool) -> str:
+            return f"_b{bucket}{'_sampled' if sampled else ''}"
+
         out = {}
         for bucket, sampled, speculative in self.rates.keys():
-            name = f"{'spec' if speculative else 'plain'}_tps_b{bucket}{'_sampled' if sampled else ''}"
             rate = self.rates.rate((bucket, sampled, speculative), min_steps=1)
             if rate is not None:
-                out[name] = rate
+                out[f"{'spec' if speculative else 'plain'}_tps{suffix(bucket, sampled)}"] = rate
+        for key in sorted(self.cohorts.results):
+            speedup = self.cohorts.mean_speedup(key, fewest=1)
+            if speedup is not None:
+                out[f"cohort_speedup{suffix(*key)}"] = speedup
+        for key, slower in sorted(self.verdicts.items()):
+            out[f"step_verdict_slower{suffix(*key)}"] = float(slower)
         return out
