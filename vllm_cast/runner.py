@@ -31,9 +31,9 @@ from vllm_cast.cost_tables import cost_source, resolve_table, table_key
 from vllm_cast.draft_delivery import with_drafts
 from vllm_cast.engine_profiler import ForwardTimers, grids
 from vllm_cast.proposer import CastProposer, CostSource
-from vllm_cast.step_overheads import AFTER_PROMPT_STEPS
 from vllm_cast.stats import CastStats
 from vllm_cast.step_clock import StepClock
+from vllm_cast.step_overheads import AFTER_PROMPT_STEPS
 from vllm_cast.tree import DraftTree, ancestor_mask, depths
 from vllm_cast.tree_builder import StepDecision
 from vllm_cast.tree_sampler import GREEDY_EPS, TreeVerdicts, needs_logits_processing, verify_trees

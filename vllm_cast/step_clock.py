@@ -28,19 +28,18 @@ class StepClock:
     def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
         self._now = now
         self._started = 0.0
-        self._gap = 0.0
         self._ended: float | None = None
+        """When the previous step ended (None: no step yet)."""
 
     def start(self) -> None:
-        """A step begins: the loop gap since the previous step ended is its share."""
-        now = self._now()
-        self._gap = 0.0 if self._ended is None else now - self._ended
-        self._started = now
+        """A step begins."""
+        self._started = self._now()
 
     def stop(self) -> float:
         """The step ends. Returns its seconds: the runner's own time plus the loop gap
-        before it (at most ``LOOP_GAP_CAP`` times the own time)."""
+        since the previous step ended (at most ``LOOP_GAP_CAP`` times the own time)."""
         now = self._now()
         own = now - self._started
+        gap = 0.0 if self._ended is None else self._started - self._ended
         self._ended = now
-        return own + min(self._gap, LOOP_GAP_CAP * own)
+        return own + min(gap, LOOP_GAP_CAP * own)
