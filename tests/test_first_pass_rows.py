@@ -7,7 +7,7 @@ from conftest import cast_stats, greedy_token_ids, model_runner
 from vllm import SamplingParams
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_cast.first_pass_rows import drafted_rows_only
+from vllm_cast.first_pass_rows import drafted_rows_only, recurring_first_pass_rows
 from vllm_cast.prompts import load_prompts
 
 
@@ -35,6 +35,13 @@ def test_undraftable_requests_keep_only_their_sampled_row():
     assert cad.query_start_loc_cpu.tolist() == [0, 4, 5, 6, 8] and cad.num_actual_tokens == 8
     assert cad.max_query_len == 4 and cad.seq_lens.tolist() == [14, 11, 15, 12], "contexts are unchanged"
     assert sample_rows.tolist() == [2, 4, 5, 6], "each request's sampled row, where it now lies"
+
+
+def test_a_prompt_s_rows_are_priced_as_at_most_a_tree_s_emitted_tokens():
+    prompt_step = _rows([300, 4, 2, 3])[3].query_start_loc_cpu
+    assert recurring_first_pass_rows(prompt_step, 7) == (7 + 4 + 2 + 3) / 4
+    decode_step = _rows([3, 2])[3].query_start_loc_cpu
+    assert recurring_first_pass_rows(decode_step, 7) == 2.5, "a decode step's rows are its own"
 
 
 def test_nothing_changes_when_every_request_is_drafted_or_has_one_row():

@@ -32,7 +32,7 @@ from vllm_cast.chain_builder import CHAIN_STEPS, CastChainBuilder
 from vllm_cast.cost_model import StepCosts
 from vllm_cast.cost_tables import CONTEXT_BUCKET
 from vllm_cast.dormancy import DraftDormancy
-from vllm_cast.first_pass_rows import drafted_rows_only
+from vllm_cast.first_pass_rows import drafted_rows_only, recurring_first_pass_rows
 from vllm_cast.solo_probes import SoloProbes
 from vllm_cast.step_overheads import PLAIN_SAMPLES_LAST, StepOverheads, batch_bucket
 from vllm_cast.throughput import MIN_STEPS, MeasuredThroughput
@@ -213,6 +213,8 @@ class CastProposer(EagleProposer):
                 num_rejected_tokens_gpu = None
         first_pass_tokens = target_token_ids.shape[0]
         first_pass_rows = first_pass_tokens / batch  # rows per request in the first pass
+        recurring_rows = recurring_first_pass_rows(common_attn_metadata.query_start_loc_cpu,
+                                                   self.cast_params.max_depth + 1)
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
@@ -229,7 +231,7 @@ class CastProposer(EagleProposer):
         costs = self.overheads.adjust(batch, table_costs)
         probe = self.awaits_solo_probe(all_sampled)
         draft = self._draft_probe if probe else self._draft_trees
-        forwarded_widths = draft(normed, hidden, layer_inputs, next_token_ids, sampled, costs, first_pass_rows)
+        forwarded_widths = draft(normed, hidden, layer_inputs, next_token_ids, sampled, costs, recurring_rows)
         decision = self.last_decision
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
         decision.replayed = replayed is not None
@@ -315,9 +317,10 @@ class CastProposer(EagleProposer):
                      next_token_ids: torch.Tensor, sampled: torch.Tensor,
                      costs: StepCosts, first_pass_rows: float) -> list[int]:
         """CAST's trees for the batch from the first pass's normed/pre-norm hidden states
-        ``[B, H]`` (vllm_cast.tree_builder); sets ``last_trees``, ``last_decision`` (with the
-        layer loop's wall time) and ``last_root_candidates``. Returns each forwarded layer's
-        width."""
+        ``[B, H]`` (vllm_cast.tree_builder), their first pass priced at ``first_pass_rows``
+        rows per request (``first_pass_rows.recurring_first_pass_rows``); sets ``last_trees``,
+        ``last_decision`` (with the layer loop's wall time) and ``last_root_candidates``.
+        Returns each forwarded layer's width."""
         batch = hidden.shape[0]
         chain_step = self.chain_steps_left > 0
         first_pass_cost = pricing.first_pass_seconds(costs, first_pass_rows) / costs.plain_step_seconds
