@@ -59,5 +59,5 @@ def recurring_first_pass_rows(query_start_loc: torch.Tensor, most_per_request: i
     layers deep, and the decline gate, which prices the next first pass, then dropped them
     (closed loop of 4 clients with 32-token requests: 8.6 ms of drafting in such steps
     against 2.7 ms in decode steps)."""
-    rows = np.diff(query_start_loc.numpy())
-    return float(np.minimum(rows, most_per_request).mean())
+    starts = query_start_loc.tolist()  # in Python: numpy's first calls after a forward took ~40 us
+    return sum(min(end - start, most_per_request) for start, end in zip(starts, starts[1:])) / (len(starts) - 1)
