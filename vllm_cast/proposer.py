@@ -213,8 +213,6 @@ class CastProposer(EagleProposer):
                 num_rejected_tokens_gpu = None
         first_pass_tokens = target_token_ids.shape[0]
         first_pass_rows = first_pass_tokens / batch  # rows per request in the first pass
-        recurring_rows = recurring_first_pass_rows(common_attn_metadata.query_start_loc_cpu,
-                                                   self.cast_params.max_depth + 1)
         normed, hidden, cad, sample_rows = self._first_pass(
             target_token_ids, target_positions, target_hidden_states, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
@@ -231,6 +229,8 @@ class CastProposer(EagleProposer):
         costs = self.overheads.adjust(batch, table_costs)
         probe = self.awaits_solo_probe(all_sampled)
         draft = self._draft_probe if probe else self._draft_trees
+        recurring_rows = recurring_first_pass_rows(common_attn_metadata.query_start_loc_cpu,
+                                                   self.cast_params.max_depth + 1)
         forwarded_widths = draft(normed, hidden, layer_inputs, next_token_ids, sampled, costs, recurring_rows)
         decision = self.last_decision
         decision.draft_forward_tokens = [first_pass_tokens, *(batch * width for width in forwarded_widths)]
