@@ -52,7 +52,7 @@ def test_a_chunked_wave_is_undrafted_before_the_draft_reads_its_prompts(vanilla_
     default_cast_llm.reset_prefix_cache()  # earlier tests' sum prompts would make the first wave's prefill short
     judged_sizes = []
 
-    def hopeless_from_eight(batch_size: int, context: float, all_sampled: bool) -> bool:
+    def hopeless_from_eight(batch_size: int, context: float, all_sampled: bool, prompts_paid: bool = False) -> bool:
         judged_sizes.append(batch_size)
         return batch_size >= 8
 
@@ -84,7 +84,7 @@ def test_requests_whose_prompt_pass_cannot_pay_are_never_drafted(vanilla_llm, de
     with 16 new tokens is drafted."""
     runner = model_runner(default_cast_llm)
     monkeypatch.setattr(runner.drafter.calibrator, "first_rank_rate", lambda sampled: 0.5)
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args, **kwargs: False)
     first_passes = []
     first_pass = runner.drafter._first_pass
     monkeypatch.setattr(runner.drafter, "_first_pass", lambda *args: first_passes.append(args[0].shape[0])
@@ -99,3 +99,58 @@ def test_requests_whose_prompt_pass_cannot_pay_are_never_drafted(vanilla_llm, de
     assert greedy_token_ids(default_cast_llm, short_prompt, 16) == greedy_token_ids(vanilla_llm, short_prompt, 16)
     assert runner.cast_summary()["undrafted_requests"] == before + 1
     assert first_passes, "a short prompt with 16 new tokens was not drafted"
+
+
+def test_a_request_arriving_where_prompt_passes_do_not_pay_is_undrafted_alone(vanilla_llm, default_cast_llm,
+                                                                               monkeypatch):
+    """Speculation measured slower with the draft's passes over new prompts charged, but
+    faster on decode steps alone (forced): a request arriving beside one that is decoding is
+    undrafted (the draft never reads its prompt), the decoding one stays drafted, and both
+    outputs are vanilla's."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    runner = model_runner(default_cast_llm)
+    monkeypatch.setattr(runner, "_arrivals", ArrivalForecast())  # earlier tests' arrivals decoded in batches
+    judged = []
+
+    def slower_with_prompt_passes(batch_size: int, context: float, all_sampled: bool,
+                                  prompts_paid: bool = False) -> bool:
+        judged.append(prompts_paid)
+        return batch_size > 1 and not prompts_paid
+
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", slower_with_prompt_passes)
+    monkeypatch.setattr(runner.drafter, "prompt_pass_pays", lambda *args: True)  # this test is about the hopeless rule
+    undrafted = []
+    undraft = runner._undraft
+    monkeypatch.setattr(runner, "_undraft", lambda req_ids: undrafted.extend(req_id.split("-")[1] for req_id in req_ids)
+                        or undraft(req_ids))
+    first_passes = []
+    first_pass = runner.drafter._first_pass
+    monkeypatch.setattr(runner.drafter, "_first_pass", lambda *args: first_passes.append(args[0].shape[0])
+                        or first_pass(*args))
+    decoding_prompt, arriving_prompt = load_prompts("mt_bench", limit=1)[0], load_prompts("humaneval", limit=1)[0]
+    lengths = {"decoding": 96, "arriving": 24}
+
+    def greedy(name: str) -> SamplingParams:
+        params = SamplingParams(temperature=0.0, max_tokens=lengths[name])
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        return params
+
+    engine = default_cast_llm.llm_engine
+    engine.add_request("paid-decoding", decoding_prompt, greedy("decoding"))
+    for _ in range(3):  # its prompt step and two decode steps
+        assert not engine.step(), "the decoding request finished before the arrival: nothing is tested"
+    assert not undrafted, "the decoding request was undrafted alone"
+    first_passes.clear()
+    engine.add_request("paid-arriving", arriving_prompt, greedy("arriving"))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished})
+    for name, prompt in (("decoding", decoding_prompt), ("arriving", arriving_prompt)):
+        assert outputs[f"paid-{name}"] == greedy_token_ids(vanilla_llm, [prompt], lengths[name])[0]
+    assert False in judged, "no arrival was judged with its prompt pass to pay"
+    assert undrafted == ["arriving"], f"undrafted: {undrafted}"
+    arriving_rows = len(default_cast_llm.get_tokenizer()(arriving_prompt).input_ids)
+    assert first_passes and max(first_passes) < arriving_rows, \
+        f"the draft read the undrafted arrival's prompt ({arriving_rows} rows): first passes {first_passes}"

@@ -111,7 +111,7 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     and output stays vanilla's. Once speculation may pay again, new requests are drafted
     (the auxiliary hidden states are back) and output is still vanilla's."""
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: True)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args, **kwargs: True)
     drafting_calls = []
     propose = runner.propose_draft_token_ids
 
@@ -139,7 +139,7 @@ def test_requests_are_not_drafted_while_hopeless(vanilla_llm, default_cast_llm, 
     assert not drafting_calls, "a step of undrafted requests took the speculative path"
     assert forward_outputs and not any(forward_outputs), "plain steps collected the draft's auxiliary hidden states"
 
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args, **kwargs: False)
     monkeypatch.setattr(runner.drafter, "measures_plain_first", lambda *args: False)
     forward_outputs.clear()
     prompts = load_prompts("mt_bench", limit=2)  # prompts whose draft pass 24 new tokens can repay
@@ -192,7 +192,7 @@ def test_a_batch_size_measures_plain_decoding_before_it_drafts(vanilla_llm, defa
     drafter = runner.drafter
     monkeypatch.setattr(drafter, "throughput", MeasuredThroughput())  # no batch size measured yet
     monkeypatch.setattr(drafter, "plain_first_steps", Counter())
-    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args, **kwargs: False)
     monkeypatch.setattr(drafter.dormancy, "steps_left", 0)
     answers = []
     measures = drafter.measures_plain_first
@@ -234,7 +234,7 @@ def test_stale_plain_samples_are_measured_afresh_in_a_drafted_stretch(vanilla_ll
     monkeypatch.setattr(drafter, "plain_first_steps", Counter())
     monkeypatch.setattr(drafter, "plain_refresh", (batch_bucket(32), PLAIN_FIRST_STEPS))  # left from a batch of 32
     monkeypatch.setattr(drafter, "plain_measured_at", {})
-    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(drafter, "speculation_hopeless", lambda *args, **kwargs: False)
     monkeypatch.setattr(drafter.throughput, "should_decline", lambda *args: False)
     monkeypatch.setattr(drafter.dormancy, "steps_left", 0)
     events = []  # ("refresh", starts one) per drafting call past its first pass, ("skip", skips) per undrafted step

@@ -90,7 +90,7 @@ def test_prompts_joining_a_verification_while_hopeless_are_never_drafted(vanilla
     undrafted before that step, the probe is still verified, the draft model never runs
     again, and output stays vanilla's."""
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args: batch_size > 1)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args, **kwargs: batch_size > 1)
     prompts = load_prompts("alpaca", limit=8)
     first_pass_rows = _first_pass_rows(runner, monkeypatch)
     before = cast_stats(default_cast_llm)
@@ -107,7 +107,7 @@ def test_a_drafted_prompt_does_not_draft_the_rows_of_prompts_never_drafted(vanil
     that may be drafted: the draft first pass of their prompt step holds that one's prompt
     rows and one row per other request, and output stays vanilla's."""
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args: False)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda *args, **kwargs: False)
     monkeypatch.setattr(runner.drafter.dormancy, "steps_left", 0)  # not dormant: the prompt step drafts
     monkeypatch.setattr(runner.drafter, "measures_plain_first", lambda *args: False)
     first_pass_rows = _first_pass_rows(runner, monkeypatch)
@@ -132,7 +132,7 @@ def test_lone_arrivals_followed_by_bursts_are_not_drafted_alone(vanilla_llm, def
     from vllm_cast.solo_probes import COMPANY_OUTCOMES
 
     runner = model_runner(default_cast_llm)
-    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args: batch_size > 1)
+    monkeypatch.setattr(runner.drafter, "speculation_hopeless", lambda batch_size, *args, **kwargs: batch_size > 1)
     monkeypatch.setattr(runner.drafter.solo, "joined", runner.drafter.solo.joined.__class__(maxlen=COMPANY_OUTCOMES))
     prompts = load_prompts("gsm8k", limit=4)
     expected = greedy_token_ids(vanilla_llm, prompts, 12)

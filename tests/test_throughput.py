@@ -301,3 +301,34 @@ def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():
     _record(throughput, 16, speculative=True, tokens=20, seconds=0.025)  # 800 tokens/s
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
     assert CastProposer.speculation_hopeless(proposer, 16, 300.0, False)
+
+
+def test_decode_steps_faster_leaves_out_the_draft_s_passes_over_new_prompts():
+    throughput = MeasuredThroughput()
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)  # 667 tokens/s
+    throughput.record_prompt_drafting(4, False, seconds=0.200)  # long prompts' first pass
+    _record(throughput, 4, speculative=True, tokens=12, seconds=0.015, steps=MIN_STEPS - 1)  # 800 tokens/s
+    assert not throughput.decode_steps_faster(4, False), "too few speculative decode steps"
+    _record(throughput, 4, speculative=True, tokens=12, seconds=0.015, steps=1)
+    assert throughput.measured_slower(4, False), "with the prompt pass: 48 tokens in 0.26 s"
+    assert throughput.decode_steps_faster(4, False)
+    assert not throughput.decode_steps_faster(4, True), "sampled verification is judged on its own"
+    assert not throughput.decode_steps_faster(16, False), "other batch sizes are judged on their own"
+    _record(throughput, 4, speculative=True, tokens=4, seconds=0.030, steps=WINDOW_ENTRIES)  # 133 tokens/s
+    assert not throughput.decode_steps_faster(4, False), "recent decode steps decide"
+
+
+def test_requests_whose_prompts_were_read_keep_drafting_while_their_decode_steps_gain():
+    """A "slower" verdict that charges the draft's passes over new prompts to speculation
+    undrafts arriving requests, not those whose passes are paid and whose steps gain."""
+    throughput = MeasuredThroughput()
+    proposer = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
+                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False,
+                               _solo_slower=lambda all_sampled: None, awaits_solo_probe=lambda all_sampled: False)
+    _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)
+    throughput.record_prompt_drafting(4, False, seconds=0.200)
+    _record(throughput, 4, speculative=True, tokens=12, seconds=0.015)
+    assert CastProposer.speculation_hopeless(proposer, 4, 300.0, False), "new prompts would not be repaid"
+    assert not CastProposer.speculation_hopeless(proposer, 4, 300.0, False, prompts_paid=True)
+    _record(throughput, 4, speculative=True, tokens=4, seconds=0.030, steps=WINDOW_ENTRIES)
+    assert CastProposer.speculation_hopeless(proposer, 4, 300.0, False, prompts_paid=True), "decode steps lose too"

@@ -149,6 +149,9 @@ class CastProposer(EagleProposer):
         self._hopeless_memo: dict[tuple[int, int, bool], bool] = {}
         self._hopeless_calls = 0
         self.solo = SoloProbes()
+        self.prompts_paid = False
+        """No request of this step's batch is arriving: the draft has read every prompt (set
+        by the runner each step)."""
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.plain_first_steps: Counter[tuple[int, bool]] = Counter()
@@ -423,7 +426,9 @@ class CastProposer(EagleProposer):
                   chains: bool) -> bool:
         """Whether this step's trees (``last_decision``) are dropped: a probed request
         decoding alone whose own steps measured slower (vllm_cast.solo_probes), other
-        batches' pooled measured verdict right after a speculating step, else the price of
+        batches' pooled measured verdict right after a speculating step (unless every request's
+        prompt has been read and speculative decode steps alone measure faster, see
+        ``speculation_hopeless``), else the price of
         the whole step against plain decoding (``pricing.beats_plain_decoding``). Session 21
         tried judging a solo request on its own verdict alone once formed: greedy B=1
         offline rose from 1.01x to 1.06x of vanilla (the gate had declined a qa request's
@@ -432,7 +437,8 @@ class CastProposer(EagleProposer):
         solo = self._solo_slower(all_sampled)
         if solo:
             return True
-        if solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled):
+        if (solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled)
+                and not (self.prompts_paid and self.throughput.decode_steps_faster(batch, all_sampled))):
             return True
         decision = self.last_decision
         return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
@@ -444,7 +450,8 @@ class CastProposer(EagleProposer):
         self.solo.retain(req_ids)
         self.throughput.retain(req_ids)
 
-    def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool) -> bool:
+    def speculation_hopeless(self, batch_size: int, context: float, all_sampled: bool,
+                             prompts_paid: bool = False) -> bool:
         """Whether no chain can beat plain decoding at this batch size: speculating measured
         slower than plain decoding here (vllm_cast.throughput), or with the learned
         first-rank acceptance rate ``a`` and the measured overheads, ``1 + a + ... + a^d``
@@ -455,7 +462,10 @@ class CastProposer(EagleProposer):
         verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
         alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once
         they measured slower where its mode's requests are not re-probed, never before its
-        probes have run."""
+        probes have run. ``prompts_paid``: the batch's requests have had their prompts read
+        by the draft; the measured verdict then does not make speculation hopeless while
+        speculative decode steps alone measure faster than plain ones
+        (``MeasuredThroughput.decode_steps_faster``)."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         solo = self._solo_slower(all_sampled)
@@ -463,7 +473,8 @@ class CastProposer(EagleProposer):
             return solo and not self.solo.reprobes(all_sampled)
         if self.awaits_solo_probe(all_sampled):
             return False
-        if self.throughput.measured_slower(batch_size, all_sampled):
+        if self.throughput.measured_slower(batch_size, all_sampled) and not (
+                prompts_paid and self.throughput.decode_steps_faster(batch_size, all_sampled)):
             return True
         self._hopeless_calls += 1
         if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:

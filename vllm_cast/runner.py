@@ -305,6 +305,7 @@ class CastRunnerMixin:
         self._arriving = self._arrivals.step(
             (request.req_id for request in scheduler_output.scheduled_new_reqs), len(req_ids),
             self.input_batch.req_id_to_index, self.input_batch.num_computed_tokens_cpu, self.input_batch.num_prompt_tokens)
+        self.drafter.prompts_paid = not self._arriving
         if scheduler_output.scheduled_new_reqs:
             self._undraft_unpayable_prompts(scheduler_output.scheduled_new_reqs, len(req_ids))
         drafted = [req_id not in self._undrafted for req_id in req_ids] if self._undrafted else [True] * len(req_ids)
@@ -351,7 +352,10 @@ class CastRunnerMixin:
         at least one) become undrafted: they never speculate again and the draft model never
         reads their rows again (drafts scheduled already are still verified; requests
         arriving once speculation may pay again are drafted, and the rows of undrafted ones
-        are kept out of their first pass: vllm_cast.first_pass_rows). Returns whether every
+        are kept out of their first pass: vllm_cast.first_pass_rows). Requests whose prompts
+        the draft has read are judged with their prompt passes paid (``prompts_paid`` of
+        ``speculation_hopeless``): when only the arriving requests' passes would not be repaid,
+        only they are undrafted (their rows cleared in ``drafted``). Returns whether every
         request of the batch is undrafted now."""
         # Context of the next steps: what is in the KV cache once this step's rows are (a new prompt's length).
         # In Python: numpy's first calls right after a forward are slow (29 us here at B=4).
@@ -363,10 +367,17 @@ class CastRunnerMixin:
         # decode at (vllm_cast.arrivals).
         deferrable = self._lone_arrival and self.drafter.dormancy.fits(int(num_scheduled_tokens[0]))
         batch_size = len(req_ids) if deferrable else self._arrivals.judged_batch_size(len(req_ids), self._arriving)
-        if not self.drafter.speculation_hopeless(batch_size, context, self._all_sampled):
+        hopeless = self.drafter.speculation_hopeless
+        if hopeless(batch_size, context, self._all_sampled, prompts_paid=True):
+            self._undraft([req_id for req_id, row in zip(req_ids, drafted.tolist()) if row])
+            return True
+        if not (self._arriving and hopeless(batch_size, context, self._all_sampled)):
             return False
-        self._undraft([req_id for req_id, row in zip(req_ids, drafted.tolist()) if row])
-        return True
+        # Only the arriving requests' prompt passes would not be repaid: they alone are undrafted.
+        arriving = [row and req_id in self._arrivals.arriving for req_id, row in zip(req_ids, drafted.tolist())]
+        self._undraft([req_id for req_id, undraft in zip(req_ids, arriving) if undraft])
+        drafted[arriving] = False
+        return not drafted.any()
 
     def _plan_tree_verification(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Depth positions and ancestor masks for requests verifying a stored tree."""
