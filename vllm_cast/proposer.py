@@ -150,8 +150,9 @@ class CastProposer(EagleProposer):
         self._hopeless_calls = 0
         self.solo = SoloProbes()
         self.prompts_paid = False
-        """No request of this step's batch is arriving: the draft has read every prompt (set
-        by the runner each step)."""
+        """No request of this step's batch is arriving: every drafted request's prompt pass is
+        spent or owed already (the draft read its prompt, or its rows wait in the dormancy
+        stash); set by the runner each step."""
         self.skipped_steps = 0
         """Steps on which the draft model did not run (dormant; counted by the runner)."""
         self.plain_first_steps: Counter[tuple[int, bool]] = Counter()
