@@ -229,9 +229,8 @@ class MeasuredThroughput:
         under half of plain decoding's rate after three decode steps that emitted 12, 28 and 28
         tokens in 21-25 ms each (plain steps: 4 tokens in ~6.3 ms), and the four requests were
         undrafted with their prompt passes paid and none of the gain taken."""
-        key = (batch_bucket(batch_size), all_sampled)
-        speculative = self.decode_rates.rate(key)
-        plain = None if speculative is None else self.rates.rate((*key, False))
+        speculative = self.decode_rates.rate((batch_bucket(batch_size), all_sampled))
+        plain = None if speculative is None else self.plain_rate(batch_size, all_sampled)
         return plain is not None and speculative > plain
 
     def _slower(self, bucket: int, all_sampled: bool) -> bool | None:
