@@ -7,6 +7,7 @@ from conftest import greedy_token_ids, model_runner
 
 from vllm_cast.arrivals import RECENT_ARRIVALS, ArrivalForecast
 from vllm_cast.prompts import load_prompts
+from vllm_cast.step_overheads import batch_bucket
 
 
 def _step(forecast: ArrivalForecast, new: list[str], rows: dict[str, tuple[int, int]]) -> bool:
@@ -154,3 +155,35 @@ def test_a_request_arriving_where_prompt_passes_do_not_pay_is_undrafted_alone(va
     arriving_rows = len(default_cast_llm.get_tokenizer()(arriving_prompt).input_ids)
     assert first_passes and max(first_passes) < arriving_rows, \
         f"the draft read the undrafted arrival's prompt ({arriving_rows} rows): first passes {first_passes}"
+
+
+def test_a_batch_size_that_never_verified_is_not_drafted_where_a_smaller_one_cannot_pay(
+        vanilla_llm, default_cast_llm, monkeypatch):
+    """No chain can pay at B=2 by price (forced) and B=3-4 has not measured verifications of
+    its own: a wave of 4 is undrafted from its first step (the draft never reads its
+    prompts), its output is vanilla's, and the priced verdicts asked include B=4's own and
+    B=2's."""
+    runner = model_runner(default_cast_llm)
+    drafter = runner.drafter
+    monkeypatch.setattr(runner, "_arrivals", ArrivalForecast())
+    monkeypatch.setattr(drafter, "prompt_pass_pays", lambda *args: True)  # this test is about the priced verdict
+    monkeypatch.setattr(drafter.throughput, "measured_slower", lambda *args: False)
+    drafter.overheads.verify.forget(batch_bucket(4))  # earlier tests' verifications at B=3-4
+    drafter._hopeless_memo.clear()
+    priced_sizes = []
+
+    def none_pays_at_two(batch_size: int, context: float, all_sampled: bool) -> bool:
+        priced_sizes.append(batch_size)
+        return batch_size == 2
+
+    monkeypatch.setattr(drafter, "_no_chain_can_pay", none_pays_at_two)
+    first_passes = []
+    first_pass = drafter._first_pass
+    monkeypatch.setattr(drafter, "_first_pass", lambda *args: first_passes.append(args[0].shape[0])
+                        or first_pass(*args))
+    before = runner.cast_summary()["undrafted_requests"]
+    prompts = load_prompts("qa", limit=4)
+    assert greedy_token_ids(default_cast_llm, prompts, 16) == greedy_token_ids(vanilla_llm, prompts, 16)
+    assert runner.cast_summary()["undrafted_requests"] == before + 4
+    assert not first_passes, f"the draft read {sum(first_passes)} prompt rows of an undrafted wave"
+    assert 4 in priced_sizes and 2 in priced_sizes

@@ -12,6 +12,7 @@ from vllm_cast.config import CastParams
 from vllm_cast.prompts import load_prompts
 from vllm_cast.proposer import CastProposer
 from vllm_cast.runner import CastRunnerMixin
+from vllm_cast.step_overheads import MIN_SAMPLES, StepOverheads
 from vllm_cast.throughput import (CLEARLY_SLOWER, COHORTS_TO_JUDGE, DECIDING_MEMBERS, MIN_STEPS, REEXAMINATION_LOSS,
                                   STALE_AFTER_PLAIN_STEPS, STRONGLY_SLOWER, WINDOW_ENTRIES, MeasuredThroughput)
 from vllm_cast.tree_builder import StepDecision
@@ -21,6 +22,15 @@ def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, token
             steps: int = MIN_STEPS, sampled: bool = False) -> None:
     for _ in range(steps):
         throughput.record(batch, sampled, speculative, tokens, seconds)
+
+
+def _hopeless_judge(throughput: MeasuredThroughput, no_chain_can_pay, overheads: StepOverheads | None = None):
+    """What ``CastProposer.speculation_hopeless`` reads, with its priced half
+    (``_no_chain_can_pay(batch_size, context, all_sampled)``) given."""
+    return SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
+                           overheads=overheads or StepOverheads(), _hopeless_calls=0, _hopeless_memo={},
+                           _no_chain_can_pay=no_chain_can_pay, _solo_slower=lambda all_sampled: None,
+                           awaits_solo_probe=lambda all_sampled: False)
 
 
 def test_speculation_measured_slower_than_plain_decoding_is_declined():
@@ -294,9 +304,7 @@ def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():
     """The proposer memoises its priced verdict per (batch, context bucket, mode); a later
     measurement that speculating is slower must still make speculation hopeless there."""
     throughput = MeasuredThroughput()
-    proposer = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
-                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False,
-                               _solo_slower=lambda all_sampled: None, awaits_solo_probe=lambda all_sampled: False)
+    proposer = _hopeless_judge(throughput, no_chain_can_pay=lambda *args: False)
     assert not CastProposer.speculation_hopeless(proposer, 16, 300.0, False), "priced: a chain can pay"
     _record(throughput, 16, speculative=True, tokens=20, seconds=0.025)  # 800 tokens/s
     _record(throughput, 16, speculative=False, tokens=16, seconds=0.008)  # 2000 tokens/s
@@ -322,9 +330,7 @@ def test_requests_whose_prompts_were_read_keep_drafting_while_their_decode_steps
     """A "slower" verdict that charges the draft's passes over new prompts to speculation
     undrafts arriving requests, not those whose passes are paid and whose steps gain."""
     throughput = MeasuredThroughput()
-    proposer = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
-                               _hopeless_calls=0, _hopeless_memo={}, _no_chain_can_pay=lambda *args: False,
-                               _solo_slower=lambda all_sampled: None, awaits_solo_probe=lambda all_sampled: False)
+    proposer = _hopeless_judge(throughput, no_chain_can_pay=lambda *args: False)
     _record(throughput, 4, speculative=False, tokens=4, seconds=0.006)
     throughput.record_prompt_drafting(4, False, seconds=0.200)
     _record(throughput, 4, speculative=True, tokens=12, seconds=0.015)
@@ -332,3 +338,19 @@ def test_requests_whose_prompts_were_read_keep_drafting_while_their_decode_steps
     assert not CastProposer.speculation_hopeless(proposer, 4, 300.0, False, prompts_paid=True)
     _record(throughput, 4, speculative=True, tokens=4, seconds=0.030, steps=WINDOW_ENTRIES)
     assert CastProposer.speculation_hopeless(proposer, 4, 300.0, False, prompts_paid=True), "decode steps lose too"
+
+
+def test_a_batch_size_that_never_verified_is_priced_at_the_smaller_ones_too():
+    """No chain can pay at B=16 by price, but the table's B=32 cells say one can (the
+    profile priced verifying 2 tokens a request like a plain step): until B=32 has measured
+    its own verifications, B=32 is hopeless too; smaller batch sizes are not affected."""
+    overheads = StepOverheads()
+    proposer = _hopeless_judge(MeasuredThroughput(), lambda batch_size, *args: batch_size == 16, overheads)
+    hopeless = CastProposer.speculation_hopeless
+    assert hopeless(proposer, 16, 300.0, False)
+    assert hopeless(proposer, 32, 300.0, False), "B=32 never verified: B=16's price rules it"
+    assert hopeless(proposer, 17, 300.0, False), "any batch size of the bucket above"
+    assert not hopeless(proposer, 8, 300.0, False), "a smaller batch size is priced on its own"
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(32, measured=0.012, predicted=0.0095, verified_drafts=True)
+    assert not hopeless(proposer, 32, 300.0, False), "measured verifications: B=32 is priced on its own"

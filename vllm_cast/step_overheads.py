@@ -196,6 +196,11 @@ class StepOverheads:
         self.plain.forget(bucket)
         self._plain_sampled_at.pop(bucket, None)
 
+    def verifications_measured(self, batch_size: int) -> bool:
+        """Whether the bucket has ``MIN_SAMPLES`` verification samples of its own: steps that
+        verified drafts there checked the table's verification cells against measured time."""
+        return self.verify.median(batch_bucket(batch_size)) is not None
+
     def record_drafting(self, batch_size: int, measured: float, predicted_first_pass: float, measured_layers: float,
                         predicted_layers: float, layers: int) -> None:
         """One drafting call (seconds): in all ``measured``, of which ``measured_layers`` in its
