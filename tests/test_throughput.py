@@ -320,6 +320,8 @@ def test_decode_steps_faster_leaves_out_the_draft_s_passes_over_new_prompts():
     _record(throughput, 4, speculative=True, tokens=12, seconds=0.015, steps=1)
     assert throughput.measured_slower(4, False), "with the prompt pass: 48 tokens in 0.26 s"
     assert throughput.decode_steps_faster(4, False)
+    assert not throughput.measured_slower(4, False, prompts_paid=True), "the prompt pass is paid"
+    assert throughput.should_decline(4, False) and not throughput.should_decline(4, False, prompts_paid=True)
     assert not throughput.decode_steps_faster(4, True), "sampled verification is judged on its own"
     assert not throughput.decode_steps_faster(16, False), "other batch sizes are judged on their own"
     _record(throughput, 4, speculative=True, tokens=4, seconds=0.030, steps=WINDOW_ENTRIES)  # 133 tokens/s

@@ -438,8 +438,8 @@ class CastProposer(EagleProposer):
         solo = self._solo_slower(all_sampled)
         if solo:
             return True
-        if (solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled)
-                and not (self.prompts_paid and self.throughput.decode_steps_faster(batch, all_sampled))):
+        if solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled,
+                                                                                          self.prompts_paid):
             return True
         decision = self.last_decision
         return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
@@ -481,8 +481,7 @@ class CastProposer(EagleProposer):
             return solo and not self.solo.reprobes(all_sampled)
         if self.awaits_solo_probe(all_sampled):
             return False
-        if self.throughput.measured_slower(batch_size, all_sampled) and not (
-                prompts_paid and self.throughput.decode_steps_faster(batch_size, all_sampled)):
+        if self.throughput.measured_slower(batch_size, all_sampled, prompts_paid):
             return True
         self._hopeless_calls += 1
         if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:

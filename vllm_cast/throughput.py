@@ -223,8 +223,8 @@ class MeasuredThroughput:
         """Whether speculative decode steps alone (``MIN_STEPS`` of them) measured more tokens
         per second than plain decoding at this batch size's bucket and mode. Requests whose
         prompts the draft has read already paid for that pass: while their decode steps gain,
-        a "slower" verdict that charges those passes to speculation (``measured_slower``)
-        speaks only for new prompts (``CastProposer.speculation_hopeless``). Greedy B=4, sum's
+        a "slower" verdict that charges those passes to speculation speaks only for new
+        prompts (``prompts_paid`` of ``measured_slower`` and ``should_decline``). Greedy B=4, sum's
         1.2-1.6k-token prompts: the draft's passes over them (158 + 52 ms) read speculation
         under half of plain decoding's rate after three decode steps that emitted 12, 28 and 28
         tokens in 21-25 ms each (plain steps: 4 tokens in ~6.3 ms), and the four requests were
@@ -256,23 +256,28 @@ class MeasuredThroughput:
             self.verdicts[key] = speculative < STRONGLY_SLOWER * plain
         return self.verdicts[key]
 
-    def should_decline(self, batch_size: int, all_sampled: bool) -> bool:
+    def should_decline(self, batch_size: int, all_sampled: bool, prompts_paid: bool = False) -> bool:
         """Whether to decline speculation at this batch size and mode: it measured fewer
         tokens per second than plain decoding, or plain decoding was never measured here
-        (explore it). False until speculative steps have ``MIN_STEPS`` samples."""
+        (explore it). False until speculative steps have ``MIN_STEPS`` samples, and, when
+        ``prompts_paid`` (the draft has read every request's prompt), while speculative decode
+        steps alone measure faster (``decode_steps_faster``)."""
         bucket = batch_bucket(batch_size)
         measured = self.rates.rate((bucket, all_sampled, True)) is not None
-        return measured and self._slower(bucket, all_sampled) is not False  # None: plain unmeasured
+        return (measured and self._slower(bucket, all_sampled) is not False  # None: plain unmeasured
+                and not (prompts_paid and self.decode_steps_faster(batch_size, all_sampled)))
 
-    def measured_slower(self, batch_size: int, all_sampled: bool) -> bool:
+    def measured_slower(self, batch_size: int, all_sampled: bool, prompts_paid: bool = False) -> bool:
         """Whether speculating measured slower at this batch size and mode: both kinds are
         measured in its bucket and speculating is slower, or its bucket has no verdict and
         the nearest smaller bucket with one measured speculating slower (see module doc;
-        samples are dropped after ``_stale_wait`` plain steps, then after twice as many, ...)."""
+        samples are dropped after ``_stale_wait`` plain steps, then after twice as many, ...).
+        With ``prompts_paid`` (the draft has read every request's prompt), not while
+        speculative decode steps alone measure faster (``decode_steps_faster``)."""
         for bucket in range(batch_bucket(batch_size), -1, -1):
             verdict = self._slower(bucket, all_sampled)
             if verdict is not None:
-                return verdict
+                return verdict and not (prompts_paid and self.decode_steps_faster(batch_size, all_sampled))
         return False
 
     def summary(self) -> dict[str, float]:
