@@ -12,6 +12,7 @@ from vllm_cast.cost_model import (
     CostTable,
     CostTableError,
     TableKey,
+    additions_grow_with_batch,
     device_name,
     profile_table,
 )
@@ -48,6 +49,31 @@ def test_a_stalled_cell_is_priced_by_the_larger_cells_around_it():
     assert table.target(4, 1024, 4) == pytest.approx(timer(4, 1024, 4))
     for axis in range(3):
         assert (table.target_seconds.diff(dim=axis) >= 0).all()
+
+
+def test_a_batch_size_adding_tokens_for_less_than_a_smaller_one_is_raised(tmp_path):
+    """Fast-side noise: at the largest batch size the profile priced a second token per
+    sequence at nothing (the 2-core EPYC's B=32 row). Adding tokens to more sequences adds
+    more rows, so the cell is raised to the smaller batch size's increment, on profiling and
+    on reading a table saved without the rule; clean cells keep their time."""
+    def timer(b, c, n):
+        clean = 1.0 + 0.1 * b * n + 0.001 * c
+        return 1.0 + 0.1 * b + 0.001 * c if (b, n) == (16, 2) else clean  # the 2nd token "free" at B=16
+
+    table = profile_table(KEY, timer, timer, [1, 4, 16], [128, 1024], [1, 2, 4], progress=False)
+    added_at_four = timer(4, 128, 2) - timer(4, 128, 1)
+    assert table.target(16, 128, 2) == pytest.approx(timer(16, 128, 1) + added_at_four)
+    assert table.target(16, 128, 4) == pytest.approx(timer(16, 128, 4)), "the next cell was clean"
+    assert table.target(4, 1024, 4) == pytest.approx(timer(4, 1024, 4))
+    for axis in range(3):
+        assert (table.target_seconds.diff(dim=axis) >= 0).all()
+
+    saved = CostTable(KEY, [1, 4, 16], [128, 1024], [1, 2, 4], *(torch.tensor(
+        [[[timer(b, c, n) for n in (1, 2, 4)] for c in (128, 1024)] for b in (1, 4, 16)], dtype=torch.float64),) * 2)
+    assert saved.target(16, 128, 2) < saved.target(16, 128, 1) + added_at_four
+    saved.save(tmp_path / "t.json")
+    assert torch.equal(CostTable.load(tmp_path / "t.json").target_seconds, table.target_seconds)
+    assert torch.equal(additions_grow_with_batch(table.target_seconds), table.target_seconds), "idempotent"
 
 
 def test_step_costs_are_normalised_by_one_target_token():
