@@ -465,7 +465,9 @@ class CastProposer(EagleProposer):
         size that never verified are unchecked (the 2-core EPYC's profile priced verifying 2
         tokens a request at B=32 at 9.51 ms against 9.48 ms for plain B=32 steps, where such
         steps measured 12.3 ms against 8.6; with B=4-16 hopeless by price, B=32's first waves
-        were drafted and read 0.70x and 0.85x of vanilla). The measured verdict is read afresh
+        were drafted and read 0.70x and 0.85x of vanilla; that cell is now raised when the
+        table is read, ``cost_model.additions_grow_with_batch``, and this rule stands for the
+        errors no consistency rule catches). The measured verdict is read afresh
         on every call; the priced one is memoised per batch size, context bucket and mode, and
         all priced verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
         alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once
