@@ -99,6 +99,40 @@ def test_a_request_left_alone_is_probed_as_deep_as_its_batched_steps_were_accept
     assert set(solo.request_runs) == {"straggler"}, "requests that never probed are forgotten too"
 
 
+def test_a_re_probe_goes_by_the_requests_latest_re_probes_not_its_longest_run_ever():
+    """A request whose drafts were accepted three deep in a batch, then measured slower
+    alone, is re-probed 3 + headroom deep; once those re-probes accepted nothing, its next
+    re-probes are headroom deep, and they grow again with what they accept."""
+    solo = SoloProbes()
+    _probe_and_measure(solo, "paying", 7, 0.020)
+    solo.note_runs(["once deep", "partner"], [3, 6])
+    _probe_and_measure(solo, "once deep", 1, 0.010)  # alone: nothing accepted, slower
+    assert solo.probe_depth("once deep", False, 8) == 3 + PROBE_DEPTH_HEADROOM, "its longest run so far"
+    _wait_until_probed(solo, "once deep")
+    _probe_and_measure(solo, "once deep", 1, 0.010)
+    assert solo.probe_depth("once deep", False, 8) == PROBE_DEPTH_HEADROOM, "its re-probes accepted nothing"
+    _wait_until_probed(solo, "once deep")
+    _probe_and_measure(solo, "once deep", 2, 0.010)
+    assert solo.probe_depth("once deep", False, 8) == 1 + PROBE_DEPTH_HEADROOM
+    solo.retain(["paying"])
+    assert not solo.reprobing and "once deep" not in solo.request_runs, "finished requests are forgotten"
+
+
+def test_the_step_verifying_a_last_probe_is_judged_with_its_seconds_so_far():
+    """Before its drafting call, the step verifying a request's last probe counts with the
+    tokens it emitted and the seconds it has run so far: 1 token in 10 ms, then 1 token in
+    at least 8 ms, is slower than plain decoding's 200 tokens/s already."""
+    solo = SoloProbes()
+    solo.drafted_probe("a")
+    assert solo.slower("a", PLAIN_RATE, pending=(1, 0.008)) is False, "its first probe alone is no verdict"
+    solo.record("a", False, 1, 0.010, PLAIN_RATE)
+    solo.drafted_probe("a")
+    assert solo.slower("a", PLAIN_RATE) is False, "one step is no verdict yet"
+    assert solo.slower("a", PLAIN_RATE, pending=(1, 0.008)), "2 tokens in at least 18 ms: at most 111 tokens/s"
+    assert solo.slower("a", PLAIN_RATE, pending=(7, 0.010)) is False, "8 tokens in 20 ms so far: not settled"
+    assert solo.slower("a", None, pending=(1, 0.008)) is False, "plain decoding unmeasured: no verdict"
+
+
 def _wait_until_probed(solo: SoloProbes, req_id: str) -> int:
     """Steps the request, measured slower, waits before it wants a probe again."""
     waited = 0
@@ -194,20 +228,27 @@ def test_a_solo_request_measured_slower_is_probed_again_with_vanilla_output(vani
                                                                             monkeypatch):
     """Real engine, greedy: a request decoding alone whose probes measure slower (plain
     decoding's rate pretended 10^9 tokens/s) waits, its draft model idle, and is probed
-    again after REPROBE_WAIT_STEPS steps, then twice as many; output is vanilla's."""
+    again after REPROBE_WAIT_STEPS steps, then twice as many; output is vanilla's. The
+    step verifying its last probe drafts no tree: it is judged before its drafting call."""
     runner = model_runner(default_cast_llm)
     drafter = runner.drafter
     probe_steps: list[int] = []
-    draft_probe = drafter._draft_probe
+    tree_steps: list[int] = []
+    draft_probe, draft_trees = drafter._draft_probe, drafter._draft_trees
 
     def recorded_probe(*args, **kwargs):
         probe_steps.append(int(runner.input_batch.num_computed_tokens_cpu[0]))
         return draft_probe(*args, **kwargs)
 
+    def recorded_trees(*args, **kwargs):
+        tree_steps.append(int(runner.input_batch.num_computed_tokens_cpu[0]))
+        return draft_trees(*args, **kwargs)
+
     prompt = load_prompts("qa", limit=1)
     drafter.solo.resume_probing(False)
     drafter.solo.paid[False].append(True)  # an earlier probed request paid: slower ones are probed again
     monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
+    monkeypatch.setattr(drafter, "_draft_trees", recorded_trees)
     monkeypatch.setattr(drafter.throughput, "plain_rate", lambda *args: 1e9)
     skipped_before = drafter.skipped_steps
     tokens = 3 * REPROBE_WAIT_STEPS + 4 * (PROBE_STEPS + 1) * drafter.cast_params.max_depth
@@ -215,3 +256,4 @@ def test_a_solo_request_measured_slower_is_probed_again_with_vanilla_output(vani
     assert len(probe_steps) >= 3 * PROBE_STEPS, f"probed at {probe_steps}: not probed again twice"
     assert drafter.skipped_steps - skipped_before >= 3 * REPROBE_WAIT_STEPS, "waits skipped the draft model"
     assert not runner._undrafted, "a request that waits for a re-probe is not undrafted"
+    assert not tree_steps, f"trees drafted at {tree_steps} after probes measured slower"

@@ -29,3 +29,14 @@ def test_idle_time_between_steps_is_not_charged_beyond_the_cap():
     clock.stop()
     clock.start()
     assert abs(clock.stop() - 0.002 * (1 + LOOP_GAP_CAP)) < 1e-12, "five idle seconds are no per-step work"
+
+
+def test_seconds_so_far_count_as_the_step_will_and_end_nothing():
+    clock = StepClock(_Ticks(0.0, 0.004, 0.0045, 0.0065, 0.0085, 0.0090, 0.0095))
+    clock.start()
+    clock.stop()
+    clock.start()
+    assert abs(clock.elapsed() - (0.002 + 0.0005)) < 1e-12, "2 ms so far plus the gap before the step"
+    assert abs(clock.stop() - (0.004 + 0.0005)) < 1e-12, "the step ends where it would have"
+    clock.start()
+    assert abs(clock.elapsed() - 0.0005 * (1 + LOOP_GAP_CAP)) < 1e-12, "the gap is capped by the time so far"

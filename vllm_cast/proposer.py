@@ -140,6 +140,9 @@ class CastProposer(EagleProposer):
         """Per batch row: verified by sampling (else greedy); set by the runner."""
         self.batch_req_ids: list[str] = []
         """Request ids of the batch rows (set by the runner before each proposal)."""
+        self.solo_step_so_far: tuple[int, float] | None = None
+        """During a proposal for one request alone whose drafts the step verified: the
+        tokens it emitted and the step's seconds so far (set by the runner; None otherwise)."""
         self.dormancy = DraftDormancy(PROBE_INTERVAL_STEPS, self.max_num_tokens)
         self.overheads = StepOverheads()
         self.throughput = MeasuredThroughput()
@@ -418,10 +421,12 @@ class CastProposer(EagleProposer):
 
     def _solo_slower(self, all_sampled: bool) -> bool | None:
         """For one probed request decoding alone, whether its own speculative steps measured
-        slower than plain decoding (vllm_cast.solo_probes); None for any other batch."""
+        slower than plain decoding (vllm_cast.solo_probes; during a proposal, with the running
+        step so far, ``solo_step_so_far``); None for any other batch."""
         if len(self.batch_req_ids) != 1:
             return None
-        return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled))
+        return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled),
+                                self.solo_step_so_far)
 
     def _declines(self, batch: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
                   chains: bool) -> bool:

@@ -551,11 +551,15 @@ class CastRunnerMixin:
         self.drafter.draft_caps = [min(most, budget) if plain and drafted else 0 for plain, drafted, budget
                                    in zip(self._plain, self._drafted_rows.tolist(), budgets or [most] * len(req_ids))]
         self.drafter.sampled_rows = self._sampled
+        # A request decoding alone whose drafts this step verified: its probes may be judged now.
+        self.drafter.solo_step_so_far = ((self._emitted_tokens, self._step_clock.elapsed())
+                                         if self._verified_drafts and len(req_ids) == 1 else None)
         started = time.perf_counter()
         drafts = super().propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
             aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
         self._drafting_seconds = time.perf_counter() - started
+        self.drafter.solo_step_so_far = None
         req_ids = self.input_batch.req_ids
         self.cast_trees = {req_ids[i]: tree for i, tree in enumerate(self.drafter.last_trees) if len(tree) > 1}
         roots = self.drafter.last_root_candidates

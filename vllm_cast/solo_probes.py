@@ -25,11 +25,21 @@ cannot be accepted costs its layers for nothing (sampled verification with this 
 accepted none, and its six-node probes cost each request ~20 ms of ~150), and one accepted
 whole lets the next probes grow. A request with runs of its own (its earlier probes, or
 steps it drafted in a batch of several: ``note_runs``) is probed as deep as the longest of
-them, plus the same headroom. At full depth, the re-probes of a greedy MT-Bench request
+them, plus the same headroom; once it has been re-probed, as deep as the longest run of
+its latest re-probes. At full depth, the re-probes of a greedy MT-Bench request
 whose probes were accepted one or two tokens deep cost it 48 ms for 8 tokens (two re-probes
 of three steps), where plain decoding takes 20 ms; and a request left alone when the rest
 of its batch finished was probed 6 deep at 7-9 ms a step for 1-2 tokens, its drafts in the
-batch having been accepted one deep on every step.
+batch having been accepted one deep on every step. Going by its longest run ever, such a
+request (greedy B=2 GSM8K, its drafts accepted one deep in the batch and never alone) was
+re-probed 3 deep every 8-16 steps, 9.2-9.9 ms a probe for no token, where a plain step took
+4.4 ms.
+
+The step that verifies a request's last probe knows, before its drafting call, the tokens
+it emitted and the seconds it has run: when even those seconds (the step's whole time is
+longer) leave its probes slower than plain decoding (``slower`` with ``pending``), it drafts
+nothing. Judged only once the step ended, such a request drafted once more (7 ms at greedy
+B=1) before its wait began.
 
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
@@ -49,7 +59,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from vllm_cast.throughput import RecentTotals
+from vllm_cast.throughput import WINDOW_ENTRIES, RecentTotals
 
 PROBE_STEPS = 2
 """Drafting steps of a solo request that are probes, and its speculative steps before its
@@ -87,7 +97,10 @@ class SoloProbes:
         """Per mode: draft tokens the recent probes accepted, one entry per probe."""
         self.request_runs: dict[str, int] = {}
         """Per request: the most draft tokens it had accepted on one of its probes or on a
-        step it drafted in a batch (``note_runs``)."""
+        step it drafted in a batch (``note_runs``); since its last wait, on its re-probes."""
+        self.reprobing: set[str] = set()
+        """Requests whose wait ended and whose first re-probe has not been verified yet:
+        the next run noted replaces their record."""
         self.joined: deque[bool] = deque(maxlen=COMPANY_OUTCOMES)
         """Per recent lone arrival: whether other requests joined it at its next step."""
         self.steps_until_reprobe: dict[str, int] = {}
@@ -117,11 +130,14 @@ class SoloProbes:
 
     def note_runs(self, req_ids: list[str], accepted: list[int]) -> None:
         """Draft tokens each of ``req_ids`` accepted on one step (``[B]``): on its probes,
-        or on a step it drafted in a batch of several. Its later probes go by the longest
-        (see module doc)."""
+        or on a step it drafted in a batch of several. Its later probes go by the longest,
+        since its latest re-probes if it was re-probed (see module doc)."""
         runs = self.request_runs
         for req_id, run in zip(req_ids, accepted):
-            if run > runs.get(req_id, -1):
+            if req_id in self.reprobing:
+                self.reprobing.discard(req_id)
+                runs[req_id] = run
+            elif run > runs.get(req_id, -1):
                 runs[req_id] = run
 
     def probe_depth(self, req_id: str, all_sampled: bool, deepest: int) -> int:
@@ -138,7 +154,8 @@ class SoloProbes:
         size 1 (None: not measured); ``verified``: it verified drafts (else it only drafted,
         as a re-probe's first step does: its tokens and seconds join the next step's).
         Its first ``PROBE_STEPS`` steps verify its probes (their accepted runs are kept per
-        mode); the last of them settles whether probing it paid."""
+        mode and noted as the request's own, ``note_runs``); the last of them settles
+        whether probing it paid."""
         if req_id not in self.probes_drafted or seconds <= 0:
             return
         earlier_tokens, earlier_seconds = self.drafting_only.pop(req_id, (0, 0.0))
@@ -152,14 +169,23 @@ class SoloProbes:
         if len(self.steps.windows[req_id]) == PROBE_STEPS:
             self.paid[all_sampled].append(not self.slower(req_id, plain_rate))
 
-    def slower(self, req_id: str, plain_rate: float | None) -> bool | None:
+    def slower(self, req_id: str, plain_rate: float | None, pending: tuple[int, float] | None = None) -> bool | None:
         """None for a request that was not probed; else whether its speculative steps
         measured fewer tokens per second than ``plain_rate`` (False until ``PROBE_STEPS``
-        of them and plain decoding are measured)."""
+        of them and plain decoding are measured). ``pending``: the step now running, which
+        verified drafts and has emitted these tokens in at least these seconds, counted
+        as one of them (a lower bound on its seconds: slower with it is slower at its end)."""
         if req_id not in self.probes_drafted:
             return None
-        rate = self.steps.rate(req_id, min_steps=PROBE_STEPS)
-        return rate is not None and plain_rate is not None and rate < plain_rate
+        if plain_rate is None:
+            return False
+        steps = list(self.steps.windows.get(req_id, ()))
+        if pending is not None:
+            earlier_tokens, earlier_seconds = self.drafting_only.get(req_id, (0, 0.0))
+            steps = [*steps, (earlier_tokens + pending[0], earlier_seconds + pending[1])][-WINDOW_ENTRIES:]
+        if sum(1 for tokens, _ in steps if tokens) < PROBE_STEPS:
+            return False
+        return sum(tokens for tokens, _ in steps) / sum(seconds for _, seconds in steps) < plain_rate
 
     def reprobes(self, all_sampled: bool) -> bool:
         """Whether a request of this mode measured slower waits for a re-probe (else it is
@@ -179,6 +205,7 @@ class SoloProbes:
             return
         self.probes_drafted[req_id] = 0
         self.steps.forget(req_id)
+        self.reprobing.add(req_id)
 
     def resume_probing(self, all_sampled: bool) -> None:
         """The pooled samples went stale: forget how deep this mode's recent probes were
@@ -198,5 +225,6 @@ class SoloProbes:
             self.steps_until_reprobe.pop(req_id, None)
             self.next_wait.pop(req_id, None)
             self.drafting_only.pop(req_id, None)
+        self.reprobing &= kept
         if not self.request_runs.keys() <= kept:
             self.request_runs = {req_id: run for req_id, run in self.request_runs.items() if req_id in kept}

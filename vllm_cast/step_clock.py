@@ -35,11 +35,19 @@ class StepClock:
         """A step begins."""
         self._started = self._now()
 
+    def elapsed(self) -> float:
+        """Seconds of the running step so far, counted as :meth:`stop` counts them."""
+        return self._seconds(self._now())
+
     def stop(self) -> float:
         """The step ends. Returns its seconds: the runner's own time plus the loop gap
         since the previous step ended (at most ``LOOP_GAP_CAP`` times the own time)."""
         now = self._now()
+        seconds = self._seconds(now)
+        self._ended = now
+        return seconds
+
+    def _seconds(self, now: float) -> float:
         own = now - self._started
         gap = 0.0 if self._ended is None else self._started - self._ended
-        self._ended = now
         return own + min(gap, LOOP_GAP_CAP * own)
