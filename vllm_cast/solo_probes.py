@@ -59,7 +59,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from vllm_cast.throughput import WINDOW_ENTRIES, RecentTotals
+from vllm_cast.throughput import RecentTotals
 
 PROBE_STEPS = 2
 """Drafting steps of a solo request that are probes, and its speculative steps before its
@@ -177,15 +177,11 @@ class SoloProbes:
         as one of them (a lower bound on its seconds: slower with it is slower at its end)."""
         if req_id not in self.probes_drafted:
             return None
-        if plain_rate is None:
-            return False
-        steps = list(self.steps.windows.get(req_id, ()))
         if pending is not None:
             earlier_tokens, earlier_seconds = self.drafting_only.get(req_id, (0, 0.0))
-            steps = [*steps, (earlier_tokens + pending[0], earlier_seconds + pending[1])][-WINDOW_ENTRIES:]
-        if sum(1 for tokens, _ in steps if tokens) < PROBE_STEPS:
-            return False
-        return sum(tokens for tokens, _ in steps) / sum(seconds for _, seconds in steps) < plain_rate
+            pending = (earlier_tokens + pending[0], earlier_seconds + pending[1])
+        rate = self.steps.rate(req_id, min_steps=PROBE_STEPS, pending=pending)
+        return rate is not None and plain_rate is not None and rate < plain_rate
 
     def reprobes(self, all_sampled: bool) -> bool:
         """Whether a request of this mode measured slower waits for a re-probe (else it is

@@ -124,10 +124,14 @@ class RecentTotals(RecentWindows):
     def __init__(self) -> None:
         super().__init__(WINDOW_ENTRIES)
 
-    def rate(self, key: Hashable, min_steps: int = MIN_STEPS) -> float | None:
+    def rate(self, key: Hashable, min_steps: int = MIN_STEPS, pending: tuple[int, float] | None = None
+             ) -> float | None:
         """Tokens per second over the window, or None while it holds fewer than
-        ``min_steps`` entries that emitted tokens."""
-        window = self.windows.get(key)
+        ``min_steps`` entries that emitted tokens. ``pending``: one more (tokens, seconds)
+        entry counted as if added (the window still keeps its last ``WINDOW_ENTRIES``)."""
+        window = self.windows.get(key, ())
+        if pending is not None:
+            window = [*window, pending][-WINDOW_ENTRIES:]
         if not window or sum(1 for tokens, _ in window if tokens) < min_steps:
             return None
         return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
