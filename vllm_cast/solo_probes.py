@@ -158,11 +158,12 @@ class SoloProbes:
         whether probing it paid."""
         if req_id not in self.probes_drafted or seconds <= 0:
             return
-        earlier_tokens, earlier_seconds = self.drafting_only.pop(req_id, (0, 0.0))
+        step = self._after_drafting_only(req_id, tokens, seconds)
+        self.drafting_only.pop(req_id, None)
         if not verified:
-            self.drafting_only[req_id] = (earlier_tokens + tokens, earlier_seconds + seconds)
+            self.drafting_only[req_id] = step
             return
-        self.steps.add(req_id, (earlier_tokens + tokens, earlier_seconds + seconds))
+        self.steps.add(req_id, step)
         if len(self.steps.windows[req_id]) <= PROBE_STEPS:
             self.accepted_runs[all_sampled].append(tokens - 1)
             self.note_runs([req_id], [tokens - 1])
@@ -178,10 +179,15 @@ class SoloProbes:
         if req_id not in self.probes_drafted:
             return None
         if pending is not None:
-            earlier_tokens, earlier_seconds = self.drafting_only.get(req_id, (0, 0.0))
-            pending = (earlier_tokens + pending[0], earlier_seconds + pending[1])
+            pending = self._after_drafting_only(req_id, *pending)
         rate = self.steps.rate(req_id, min_steps=PROBE_STEPS, pending=pending)
         return rate is not None and plain_rate is not None and rate < plain_rate
+
+    def _after_drafting_only(self, req_id: str, tokens: int, seconds: float) -> tuple[int, float]:
+        """A step's (tokens, seconds) with those of the request's steps since its last
+        recorded one that only drafted (``drafting_only``) joined in."""
+        earlier_tokens, earlier_seconds = self.drafting_only.get(req_id, (0, 0.0))
+        return earlier_tokens + tokens, earlier_seconds + seconds
 
     def reprobes(self, all_sampled: bool) -> bool:
         """Whether a request of this mode measured slower waits for a re-probe (else it is

@@ -128,10 +128,10 @@ class RecentTotals(RecentWindows):
              ) -> float | None:
         """Tokens per second over the window, or None while it holds fewer than
         ``min_steps`` entries that emitted tokens. ``pending``: one more (tokens, seconds)
-        entry counted as if added (the window still keeps its last ``WINDOW_ENTRIES``)."""
+        entry counted as if added (the window still keeps its last ``size``)."""
         window = self.windows.get(key, ())
         if pending is not None:
-            window = [*window, pending][-WINDOW_ENTRIES:]
+            window = [*window, pending][-self.size:]
         if not window or sum(1 for tokens, _ in window if tokens) < min_steps:
             return None
         return sum(tokens for tokens, _ in window) / sum(seconds for _, seconds in window)
