@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from benchmarks.allocator import pin_heap_for_child_processes
 from vllm_cast.prompts import TASKS, load_prompts
-from vllm_cast.serving import served, timed_stream
+from vllm_cast.serving import gauge, served, timed_stream
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB per server; vLLM's auto size takes most of RAM
 
@@ -34,19 +34,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+SPEC_COUNTERS = {"drafts": "vllm:spec_decode_num_drafts_total", "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+                 "accepted": "vllm:spec_decode_num_accepted_tokens_total", "generated": "vllm:generation_tokens_total"}
+"""The server's Prometheus counters read around each load level (vLLM's names)."""
+
+
+def speculation_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """From the counters' growth over a level: the mean accepted length of steps that
+    verified drafts (bonus token included), draft tokens verified per such step, and the
+    share of request-steps that verified drafts (a request-step emits one token plus its
+    accepted drafts). None where no request-step verified drafts."""
+    grown = {name: after[name] - before[name] for name in SPEC_COUNTERS}
+    request_steps = grown["generated"] - grown["accepted"]
+    drafts = grown["drafts"]
+    return {"mean_accepted_length": 1 + grown["accepted"] / drafts if drafts else None,
+            "verified_draft_tokens_per_draft": grown["draft_tokens"] / drafts if drafts else None,
+            "drafted_request_steps_share": drafts / request_steps if request_steps else None}
+
+
 def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float]:
     """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise."""
+    counters = {name: gauge(url, metric) for name, metric in SPEC_COUNTERS.items()}
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(lambda p: timed_stream(url, model, p, max_tokens), prompts))
     wall = time.perf_counter() - started
+    speculation = speculation_summary(counters, {name: gauge(url, metric) for name, metric in SPEC_COUNTERS.items()})
     ttft = [first for _, first, _ in replies]
     latency = [total for _, _, total in replies]
     return {"concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
             "requests_per_s": len(prompts) / wall, "output_tokens_per_s": len(prompts) * max_tokens / wall,
             **{f"ttft_p{q}_ms": 1e3 * percentile(ttft, q) for q in (50, 90, 99)},
             **{f"latency_p{q}_ms": 1e3 * percentile(latency, q) for q in (50, 90, 99)},
-            "mean_latency_ms": 1e3 * statistics.fmean(latency)}
+            "mean_latency_ms": 1e3 * statistics.fmean(latency), **speculation}
 
 
 def main() -> None:
@@ -92,13 +112,17 @@ def main() -> None:
         row["throughput_vs_vanilla"] = row["output_tokens_per_s"] / vanilla[row["concurrency"], row["round"]]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(rows, indent=1))
-    print("| config | clients | round | tokens/s | vs vanilla | TTFT p50/p99 ms | latency p50/p90/p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | clients | round | tokens/s | vs vanilla | TTFT p50/p99 ms | latency p50/p90/p99 ms "
+          "| drafted request-steps | mean accepted length |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        drafted = r["drafted_request_steps_share"]
+        accepted = r["mean_accepted_length"]
         print(f"| {r['config']} | {r['concurrency']} | {r['round']} | {r['output_tokens_per_s']:.0f} | "
               f"{r['throughput_vs_vanilla']:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-              f"{r['latency_p50_ms']:.0f} / {r['latency_p90_ms']:.0f} / {r['latency_p99_ms']:.0f} |")
+              f"{r['latency_p50_ms']:.0f} / {r['latency_p90_ms']:.0f} / {r['latency_p99_ms']:.0f} | "
+              f"{'-' if drafted is None else f'{drafted:.0%}'} | {'-' if accepted is None else f'{accepted:.2f}'} |")
     print()
     print("| config | clients | vs vanilla per round | median |")
     print("|---|---|---|---|")

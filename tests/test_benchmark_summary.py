@@ -1,5 +1,6 @@
 """The benchmark's derived rows (benchmarks.speedup): speedups and the best EAGLE-3 chain; its
-per-step counts (benchmarks.decode_steps)."""
+per-step counts (benchmarks.decode_steps); the server benchmark's speculation counters
+(benchmarks.serve_load)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 from benchmarks.allocator import PINNED_HEAP_ENV, pin_heap_for_child_processes
 from benchmarks.decode_steps import DecodeCount
+from benchmarks.serve_load import SPEC_COUNTERS, speculation_summary
 from benchmarks.speedup import add_derived
 
 
@@ -48,3 +50,18 @@ def test_benchmarked_processes_start_with_the_pinned_heap_and_keep_user_settings
     seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_THRESHOLD_'], "
                            "os.environ['MALLOC_TRIM_THRESHOLD_'])"], capture_output=True, text=True, check=True)
     assert seen.stdout.split() == [PINNED_HEAP_ENV["MALLOC_MMAP_THRESHOLD_"], "12345"]
+
+
+def test_server_counters_give_accepted_length_and_the_drafted_share_of_request_steps():
+    """Over a level 100 tokens were generated: 30 request-steps verified 2 drafts each and
+    accepted 20 of them (80 request-steps in all, 30/80 drafted, 1 + 20/30 tokens each);
+    a server that never drafted reports no accepted length."""
+    before = {name: 1000.0 for name in SPEC_COUNTERS}
+    grown = {"drafts": 30, "draft_tokens": 60, "accepted": 20, "generated": 100}
+    summary = speculation_summary(before, {name: before[name] + grown[name] for name in SPEC_COUNTERS})
+    assert abs(summary["mean_accepted_length"] - (1 + 20 / 30)) < 1e-9
+    assert summary["verified_draft_tokens_per_draft"] == 2.0
+    assert abs(summary["drafted_request_steps_share"] - 30 / 80) < 1e-9
+    plain = speculation_summary(before, {**before, "generated": 1100.0})
+    assert plain == {"mean_accepted_length": None, "verified_draft_tokens_per_draft": None,
+                     "drafted_request_steps_share": 0.0}
