@@ -40,10 +40,11 @@ SPEC_COUNTERS = {"drafts": "vllm:spec_decode_num_drafts_total", "draft_tokens": 
 
 
 def speculation_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """From the counters' growth over a level: the mean accepted length of steps that
-    verified drafts (bonus token included), draft tokens verified per such step, and the
-    share of request-steps that verified drafts (a request-step emits one token plus its
-    accepted drafts). None where no request-step verified drafts."""
+    """From the counters' growth over a level (a request-step is one request in one engine
+    step; it emits one token plus its accepted drafts): the mean accepted length of
+    request-steps that verified drafts (bonus token included), the draft tokens each of
+    them verified, and their share of all request-steps. The first two are None where no
+    request-step verified drafts."""
     grown = {name: after[name] - before[name] for name in SPEC_COUNTERS}
     request_steps = grown["generated"] - grown["accepted"]
     drafts = grown["drafts"]
@@ -52,8 +53,10 @@ def speculation_summary(before: dict[str, float], after: dict[str, float]) -> di
             "drafted_request_steps_share": drafts / request_steps if request_steps else None}
 
 
-def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float]:
-    """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise."""
+def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float | None]:
+    """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise the
+    level: throughput, latency percentiles and the speculation the server did
+    (``speculation_summary``)."""
     counters = {name: gauge(url, metric) for name, metric in SPEC_COUNTERS.items()}
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
