@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from benchmarks.allocator import pin_heap_for_child_processes
 from vllm_cast.prompts import TASKS, load_prompts
-from vllm_cast.serving import gauge, served, timed_stream
+from vllm_cast.serving import gauges, served, timed_stream
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB per server; vLLM's auto size takes most of RAM
 
@@ -37,6 +37,12 @@ def percentile(values: list[float], q: float) -> float:
 SPEC_COUNTERS = {"drafts": "vllm:spec_decode_num_drafts_total", "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
                  "accepted": "vllm:spec_decode_num_accepted_tokens_total", "generated": "vllm:generation_tokens_total"}
 """The server's Prometheus counters read around each load level (vLLM's names)."""
+
+
+def spec_counters(url: str) -> dict[str, float]:
+    """``SPEC_COUNTERS``' values on the server now, by short name (one read of /metrics)."""
+    values = gauges(url, SPEC_COUNTERS.values())
+    return {name: values[metric] for name, metric in SPEC_COUNTERS.items()}
 
 
 def speculation_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
@@ -57,12 +63,12 @@ def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency:
     """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise the
     level: throughput, latency percentiles and the speculation the server did
     (``speculation_summary``)."""
-    counters = {name: gauge(url, metric) for name, metric in SPEC_COUNTERS.items()}
+    counters = spec_counters(url)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(lambda p: timed_stream(url, model, p, max_tokens), prompts))
     wall = time.perf_counter() - started
-    speculation = speculation_summary(counters, {name: gauge(url, metric) for name, metric in SPEC_COUNTERS.items()})
+    speculation = speculation_summary(counters, spec_counters(url))
     ttft = [first for _, first, _ in replies]
     latency = [total for _, _, total in replies]
     return {"concurrency": concurrency, "requests": len(prompts), "wall_s": wall,

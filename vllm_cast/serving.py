@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,8 +97,14 @@ def stream(url: str, model: str, prompt: str, max_tokens: int, temperature: floa
 
 def gauge(url: str, name: str) -> float:
     """Sum of a Prometheus metric's samples on the server's /metrics."""
-    total = 0.0
+    return gauges(url, [name])[name]
+
+
+def gauges(url: str, names: Iterable[str]) -> dict[str, float]:
+    """Per metric name, the sum of its samples, from one read of the server's /metrics."""
+    totals = dict.fromkeys(names, 0.0)
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith((name + "{", name + " ")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
