@@ -104,15 +104,16 @@ def test_builder_trees_are_valid_and_within_budget(batch, top_k, max_depth, max_
 
 
 def _linear_step_costs(draft_cost: float, verification_overhead: float = 0.0,
-                       counted_as_fixed: bool = False) -> StepCosts:
-    """Draft layers at ``draft_cost`` plain steps, verification +0.05 (tree) / +0.02 (chain)
-    per node, and ``verification_overhead`` on every verification, declared as the fixed
-    overhead it is (``counted_as_fixed``) or left inside the curve."""
+                       counted_as_fixed: bool = False, chain_node_cost: float = 0.02) -> StepCosts:
+    """Draft layers at ``draft_cost`` plain steps, verification +0.05 (tree) /
+    +``chain_node_cost`` (chain) per node, and ``verification_overhead`` on every
+    verification, declared as the fixed overhead it is (``counted_as_fixed``) or left inside
+    the curve."""
     n = torch.arange(18, dtype=torch.float64)
     positive = (n > 0).double()
     verifying = (n > 1).double() * verification_overhead
     return StepCosts(draft=draft_cost * positive, target=(1.0 + 0.05 * (n - 1) + verifying) * positive,
-                     chain_target=(1.0 + 0.02 * (n - 1) + verifying) * positive,
+                     chain_target=(1.0 + chain_node_cost * (n - 1) + verifying) * positive,
                      verification_overhead=verification_overhead if counted_as_fixed else 0.0)
 
 
@@ -133,6 +134,17 @@ def test_auto_depth_drafts_deeper_when_layers_are_cheaper():
     cheap = _confident_depth(params, _linear_step_costs(draft_cost=0.05), top_prob=0.9)
     dear = _confident_depth(params, _linear_step_costs(draft_cost=0.6), top_prob=0.9)
     assert cheap == 8, "cheap layers: up to max_depth"
+    assert 1 <= dear < cheap
+
+
+def test_auto_depth_prices_verifying_the_next_layer():
+    """A layer is worth drafting only if its expected tokens repay its draft pass and the
+    verification of its node: with the draft pass alone priced, chains whose nodes cost as
+    much to verify as to draft (the bench pair at B=4: 0.17 and 0.11 plain steps) ran 3-deep
+    where 1-deep chains were faster."""
+    params = CastParams(node_top_k=2, max_depth=8, verify_threshold=0.5, acceptance_calibration=False)  # C3 verifies all
+    cheap = _confident_depth(params, _linear_step_costs(draft_cost=0.15, chain_node_cost=0.0), top_prob=0.8)
+    dear = _confident_depth(params, _linear_step_costs(draft_cost=0.15, chain_node_cost=0.3), top_prob=0.8)
     assert 1 <= dear < cheap
 
 

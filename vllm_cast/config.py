@@ -47,7 +47,8 @@ class CastParams:
     """C2: draft another layer while alpha * u / c >= C2. "auto" (default): C2 is the step's
     expected tokens per cost so far (1 + expected accepted tokens over first pass + drafted
     layers + verification, in plain-step units), i.e. a layer is drafted while the cost
-    model says it raises the step's tokens per second. The paper's fixed 3.0 assumes draft
+    model says it raises the step's tokens per second (its draft pass and the verification
+    of its nodes against what it is expected to add). The paper's fixed 3.0 assumes draft
     layers that are cheap next to a target step; where one costs ~0.3 of it (this CPU) it
     asks for saturated acceptance estimates and stops trees at depth 1-2."""
     verify_threshold: float = 2.5
