@@ -184,9 +184,10 @@ def test_finished_requests_are_forgotten():
     assert solo.slower("a", PLAIN_RATE) is None and solo.slower("b", PLAIN_RATE)
 
 
-def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default_cast_llm, monkeypatch):
-    """Real engine, one greedy request at a time: each request's first drafting steps are
-    top-1 chains of max_depth nodes (the node budget allows 16), and output is vanilla's.
+def test_each_solo_request_first_verifies_a_deep_chain_probe(vanilla_llm, default_cast_llm, monkeypatch):
+    """Real engine, one greedy request at a time: each request's first drafting step is a
+    top-1 chain of max_depth nodes (the node budget allows 16; its next probe goes by how
+    deep this one was accepted), and output is vanilla's.
     The first prompt was run before: prefix caching holds all of it but one row, and its
     prompt step (one row, like a decode step) is still no probe verification."""
     runner = model_runner(default_cast_llm)
@@ -211,7 +212,7 @@ def test_each_solo_request_first_verifies_deep_chain_probes(vanilla_llm, default
         assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)
     requests = {req_id for req_id, _, _ in probes}
     assert len(requests) == len(prompts), f"probed {len(requests)} of {len(prompts)} solo requests"
-    first_probes = [probe for req_id in requests for probe in [p for p in probes if p[0] == req_id][:PROBE_STEPS]]
+    first_probes = [next(p for p in probes if p[0] == req_id) for req_id in requests]
     assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in first_probes), probes
     assert all(chain for _, _, chain in probes), "re-probes are chains too"
 
@@ -260,3 +261,31 @@ def test_a_solo_request_measured_slower_is_probed_again_with_vanilla_output(vani
     assert drafter.skipped_steps - skipped_before >= 3 * REPROBE_WAIT_STEPS, "waits skipped the draft model"
     assert not runner._undrafted, "a request that waits for a re-probe is not undrafted"
     assert not tree_steps, f"trees drafted at {tree_steps} after probes measured slower"
+
+
+def test_a_second_probe_goes_by_how_deep_the_first_was_accepted(vanilla_llm, default_cast_llm, monkeypatch):
+    """Real engine, greedy, requests decoding alone: a probe drafted on the step that verified
+    the request's previous probe is at most that probe's accepted run plus
+    PROBE_DEPTH_HEADROOM deep (noted before the drafting call, not once the step ended);
+    output is vanilla's."""
+    runner = model_runner(default_cast_llm)
+    drafter = runner.drafter
+    probes: list[tuple[int | None, int]] = []  # (run this step verified or None, probe depth)
+    draft_probe = drafter._draft_probe
+
+    def recorded_probe(*args, **kwargs):
+        verified = drafter.solo_step_so_far
+        widths = draft_probe(*args, **kwargs)
+        probes.append((None if verified is None else verified[0] - 1, len(widths) + 1))
+        return widths
+
+    monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
+    prompts = [prompt for task in ("mt_bench", "gsm8k", "alpaca", "qa") for prompt in load_prompts(task, limit=2)]
+    for prompt in prompts:
+        drafter.solo.accepted_runs[False].clear()  # every first probe as deep as allowed
+        drafter.solo.paid[False].clear()  # and every request probed
+        assert greedy_token_ids(default_cast_llm, [prompt], 24) == greedy_token_ids(vanilla_llm, [prompt], 24)
+    deepest = min(drafter.cast_params.max_depth, drafter.max_nodes)
+    after_short_runs = [(run, depth) for run, depth in probes if run is not None and run + PROBE_DEPTH_HEADROOM < deepest]
+    assert after_short_runs, f"no probe followed one accepted short of {deepest - PROBE_DEPTH_HEADROOM}: {probes}"
+    assert all(depth <= run + PROBE_DEPTH_HEADROOM for run, depth in after_short_runs), probes

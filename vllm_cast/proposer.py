@@ -384,16 +384,20 @@ class CastProposer(EagleProposer):
         """A probe for the one request decoding alone (vllm_cast.solo_probes), in place of
         :meth:`_draft_trees` (same arguments and results; ``costs`` are not needed): a top-1
         chain as deep as ``max_depth`` and the node budget allow (less once recent probes of
-        its mode, or for a re-probe the request's own, were accepted less deep:
-        ``SoloProbes.probe_depth``), verified whole. The depth
+        its mode, or the request's own, were accepted less deep: ``SoloProbes.probe_depth``;
+        its own include the drafts this step verified, so a second probe goes by the first),
+        verified whole. The depth
         rule's ratio history restarts at {1}: its ratios were earlier requests' (after
         MT-Bench requests they stopped a humaneval request's first trees at depth 1 although
         both of its probes were accepted whole)."""
-        self.solo.drafted_probe(self.batch_req_ids[0])
+        req_id = self.batch_req_ids[0]
+        if self.solo_step_so_far is not None:  # this step verified its previous drafts
+            self.solo.note_runs([req_id], [self.solo_step_so_far[0] - 1])
+        self.solo.drafted_probe(req_id)
         self.ratio_history.clear()
         self.ratio_history.append(1.0)
         deepest = min(self.cast_params.max_depth, self.max_nodes, *(self.draft_caps or []))
-        depth = self.solo.probe_depth(self.batch_req_ids[0], bool(sampled.all()), deepest)
+        depth = self.solo.probe_depth(req_id, bool(sampled.all()), deepest)
         drafted = _DraftedNodes(hidden=hidden[:, None, :])
         probs, tokens = self._top_children(normed)
         self.last_root_candidates = (tokens, probs)

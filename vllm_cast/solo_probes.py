@@ -39,7 +39,12 @@ The step that verifies a request's last probe knows, before its drafting call, t
 it emitted and the seconds it has run: when even those seconds (the step's whole time is
 longer) leave its probes slower than plain decoding (``slower`` with ``pending``), it drafts
 nothing. Judged only once the step ended, such a request drafted once more (7 ms at greedy
-B=1) before its wait began.
+B=1) before its wait began. It also knows how deep the probe it verified was accepted: the
+next probe goes by that run (``note_runs`` before its drafting call). Noted only once the
+step ended, a request's second probe was drafted before its first was judged, as deep as
+the mode's runs allowed: of 20 greedy requests on the bench pair (sum's left out), 9 had
+their first 5-6-deep probes accepted no token deep, and their second probes were as deep
+again.
 
 Probing costs a request its prompt's draft pass and its probe steps. While none of the last
 ``PROBE_OUTCOMES`` probed requests of a verification mode paid (sampled verification with
