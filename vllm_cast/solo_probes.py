@@ -41,8 +41,8 @@ longer) leave its probes slower than plain decoding (``slower`` with ``pending``
 nothing. Judged only once the step ended, such a request drafted once more (7 ms at greedy
 B=1) before its wait began. It also knows how deep the probe it verified was accepted: the
 next probe goes by that run (``note_runs`` before its drafting call). Noted only once the
-step ended, a request's second probe was drafted before its first was judged, as deep as
-the mode's runs allowed: of 20 greedy requests on the bench pair (sum's left out), 9 had
+step ended, a request's second probe was drafted before the first's run was noted, as deep
+as the mode's runs allowed: of 20 greedy requests on the bench pair (sum's left out), 9 had
 their first 5-6-deep probes accepted no token deep, and their second probes were as deep
 again.
 
