@@ -72,7 +72,8 @@ def test_no_tree_drafts_past_a_requests_max_tokens(vanilla_llm, cast_llm, monkey
     propose = runner.propose_draft_token_ids
 
     def recorded(*args, **kwargs):
-        budgets = runner._draft_budgets(runner.input_batch.req_ids[: runner.input_batch.num_reqs])
+        left = runner._tokens_left(runner.input_batch.req_ids[: runner.input_batch.num_reqs])
+        budgets = [max(tokens - 1, 0) for tokens in left]  # the next step's bonus token is one of them
         drafts = propose(*args, **kwargs)
         calls.append((budgets, [len(tokens) for tokens in drafts]))
         return drafts
@@ -85,6 +86,40 @@ def test_no_tree_drafts_past_a_requests_max_tokens(vanilla_llm, cast_llm, monkey
     assert all(count <= budget for budgets, counts in calls for budget, count in zip(budgets, counts)), calls
     assert any(0 < max(counts) < runner.drafter.cast_params.max_depth for _, counts in calls), "no tree was cut short"
     assert any(not any(budgets) and not any(counts) for budgets, counts in calls), "no finishing step"
+
+
+def test_trees_are_priced_at_the_batch_the_next_step_verifies(vanilla_llm, cast_llm, monkeypatch):
+    """Real engine, greedy, requests of 6, 11 and 20 tokens decoding together: every drafting
+    call prices its trees at the batch size of the step that verifies them (``next_batch``),
+    also where requests end, and output is vanilla's."""
+    runner = model_runner(cast_llm)
+    drafter = runner.drafter
+    step_batches: list[int] = []
+    priced: dict[int, int] = {}  # step index -> next_batch set by its drafting call
+    execute, propose = runner.execute_model, runner.propose_draft_token_ids
+
+    def counted_step(*args, **kwargs):
+        output = execute(*args, **kwargs)
+        step_batches.append(runner.input_batch.num_reqs)  # this step's, once its states are updated
+        return output
+
+    def recorded_proposal(*args, **kwargs):
+        drafter.next_batch = None
+        drafts = propose(*args, **kwargs)
+        if drafter.next_batch is not None:
+            priced[len(step_batches) - 1] = drafter.next_batch
+        return drafts
+
+    monkeypatch.setattr(runner, "execute_model", counted_step)
+    monkeypatch.setattr(runner, "propose_draft_token_ids", recorded_proposal)
+    prompts = PROMPTS[:3]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (6, 11, 20)]
+    outputs = [cast_llm.generate(prompts, params, use_tqdm=False), vanilla_llm.generate(prompts, params, use_tqdm=False)]
+    got, expected = ([list(o.outputs[0].token_ids) for o in run] for run in outputs)
+    assert got == expected
+    checked = [(step, batch) for step, batch in priced.items() if step + 1 < len(step_batches)]
+    assert all(batch == step_batches[step + 1] for step, batch in checked), (priced, step_batches)
+    assert any(batch < step_batches[step] for step, batch in checked), "no drafting step ended a request"
 
 
 def test_trees_accept_more_per_step_than_the_eagle3_chain(chain_llm, branching_llm):

@@ -6,8 +6,8 @@ import torch
 
 from vllm_cast.config import CastParams
 from vllm_cast.cost_model import StepCosts
-from vllm_cast.step_overheads import (MIN_SAMPLES, PLAIN_SAMPLES_LAST, REFRESH_SAMPLES, RESOLUTION_SECONDS, WINDOW,
-                                      RecentMedians, StepOverheads, batch_bucket)
+from vllm_cast.step_overheads import (MIN_SAMPLES, PLAIN_SAMPLES_LAST, REFRESH_SAMPLES, RESOLUTION_SECONDS,
+                                      VERIFY_SAMPLES_LAST, WINDOW, RecentMedians, StepOverheads, batch_bucket)
 from vllm_cast.tree_builder import CastTreeBuilder
 
 
@@ -139,3 +139,27 @@ def test_plain_samples_go_stale_by_age_and_not_by_verifications(monkeypatch):
     assert not overheads.plain_is_stale(4)
     overheads.forget_plain(4)
     assert overheads.plain_is_stale(4) and overheads.plain.median(batch_bucket(4), min_samples=1) is None
+
+
+def test_old_verification_samples_stop_pricing_verifications(monkeypatch):
+    """Verifications are priced with their bucket's samples only while its newest is younger
+    than ``VERIFY_SAMPLES_LAST`` (a gate that declines on them verifies nothing that would
+    replace them): then the bucket is priced as if never verified (here: the plain
+    overhead), until new verifications are measured."""
+    now = [100.0]
+    monkeypatch.setattr("vllm_cast.step_overheads.time.monotonic", lambda: now[0])
+    overheads = StepOverheads()
+    costs = _costs(0.05)
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(4, measured=1.5, predicted=1.0, verified_drafts=False)
+        overheads.record_step(4, measured=8.0, predicted=1.2, verified_drafts=True)
+    assert overheads.verifications_measured(4)
+    assert torch.allclose(overheads.adjust(4, costs).target[2:], costs.target[2:] + 6.8)
+    now[0] += VERIFY_SAMPLES_LAST + 0.1
+    overheads.record_step(4, measured=1.5, predicted=1.0, verified_drafts=False)
+    assert not overheads.verifications_measured(4), "plain steps do not keep verifications fresh"
+    assert torch.allclose(overheads.adjust(4, costs).target[2:], costs.target[2:] + 0.5)
+    for _ in range(MIN_SAMPLES):
+        overheads.record_step(4, measured=2.0, predicted=1.2, verified_drafts=True)
+    assert overheads.verifications_measured(4)
+    assert torch.allclose(overheads.adjust(4, costs).target[2:], costs.target[2:] + 0.8), "only the new samples"

@@ -136,6 +136,9 @@ class CastProposer(EagleProposer):
         """Per batch row: the most draft tokens it may verify next step, at most
         ``max_nodes`` (0: not drafted; less near its ``max_tokens``); None: every row up to
         ``max_nodes``. Set by the runner before each proposal."""
+        self.next_batch: int | None = None
+        """Requests the next step verifies: the batch less those whose ``max_tokens`` this step
+        reaches (None: the whole batch). Set by the runner with ``draft_caps``."""
         self.sampled_rows = torch.zeros(0, dtype=torch.bool)
         """Per batch row: verified by sampling (else greedy); set by the runner."""
         self.batch_req_ids: list[str] = []
@@ -232,8 +235,10 @@ class CastProposer(EagleProposer):
         layer_inputs = _LayerInputs(root_positions, cad, self.block_size, self.max_nodes)
         # Context the next verification attends over, in tokens, averaged over the batch.
         context = sum(root_positions.tolist()) / batch + 2
-        table_costs = self.cost_source(batch, context)
-        costs = self.overheads.adjust(batch, table_costs)
+        # Trees are priced at the batch that verifies them: requests this step ends leave it.
+        verifying = min(self.next_batch or batch, batch)
+        table_costs = self.cost_source(verifying, context)
+        costs = self.overheads.adjust(verifying, table_costs)
         probe = self.awaits_solo_probe(all_sampled)
         draft = self._draft_probe if probe else self._draft_trees
         recurring_rows = recurring_first_pass_rows(common_attn_metadata.query_start_loc_cpu,
@@ -244,7 +249,7 @@ class CastProposer(EagleProposer):
         decision.replayed = replayed is not None
         chains = probe or decision.chain_step or all(tree.is_chain for tree in self.last_trees)
         if not probe and self.cast_params.decline_unprofitable and any(decision.verified) and self._declines(
-                batch, all_sampled, costs, forwarded_widths, chains):
+                batch, verifying, all_sampled, costs, forwarded_widths, chains):
             self.last_trees = [tree.prefix(1) for tree in self.last_trees]
             decision.verified = [0] * batch
             decision.declined = True
@@ -253,8 +258,9 @@ class CastProposer(EagleProposer):
             self.dormancy.wake()
         else:
             self.dormancy.enter()
-        decision.predicted_first_pass_seconds = pricing.first_pass_seconds(table_costs, first_pass_rows)
-        decision.predicted_layer_seconds = pricing.layer_seconds(table_costs, forwarded_widths)
+        drafting_costs = table_costs if verifying == batch else self.cost_source(batch, context)
+        decision.predicted_first_pass_seconds = pricing.first_pass_seconds(drafting_costs, first_pass_rows)
+        decision.predicted_layer_seconds = pricing.layer_seconds(drafting_costs, forwarded_widths)
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 
@@ -432,14 +438,19 @@ class CastProposer(EagleProposer):
         return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled),
                                 self.solo_step_so_far)
 
-    def _declines(self, batch: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
+    def _declines(self, batch: int, verifying: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
                   chains: bool) -> bool:
         """Whether this step's trees (``last_decision``) are dropped: a probed request
         decoding alone whose own steps measured slower (vllm_cast.solo_probes), other
         batches' pooled measured verdict right after a speculating step (unless every request's
         prompt has been read and speculative decode steps alone measure faster, see
         ``speculation_hopeless``), else the price of
-        the whole step against plain decoding (``pricing.beats_plain_decoding``). Session 21
+        the whole step against plain decoding (``pricing.beats_plain_decoding``), both at the
+        ``verifying`` requests of the ``batch`` that the next step keeps (``costs`` are
+        theirs): priced over the whole batch, the requests this step ends counted as
+        accepting nothing and as verifying at the larger batch size, so at the end of a wave
+        the gate dropped the trees of the requests left (on the bench pair at greedy B=4 it
+        read 0.26 expected tokens a request where two of four had no drafts). Session 21
         tried judging a solo request on its own verdict alone once formed: greedy B=1
         offline rose from 1.01x to 1.06x of vanilla (the gate had declined a qa request's
         shallow chains every other step), but the OpenAI server with 4 clients fell from
@@ -447,11 +458,12 @@ class CastProposer(EagleProposer):
         solo = self._solo_slower(all_sampled)
         if solo:
             return True
-        if solo is None and self._speculated_last_call and self.throughput.should_decline(batch, all_sampled,
+        if solo is None and self._speculated_last_call and self.throughput.should_decline(verifying, all_sampled,
                                                                                           self.prompts_paid):
             return True
         decision = self.last_decision
-        return not pricing.beats_plain_decoding(costs, forwarded_widths, decision.expected_accepted,
+        expected_per_verifying = decision.expected_accepted * batch / verifying  # a batch mean over all rows
+        return not pricing.beats_plain_decoding(costs, forwarded_widths, expected_per_verifying,
                                                 max(decision.verified), chains)
 
     def retain(self, req_ids: list[str]) -> None:

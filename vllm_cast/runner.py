@@ -12,6 +12,7 @@ ordinary chain of accepted tokens. Requests without a stored tree verify as chai
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -256,21 +257,22 @@ class CastRunnerMixin:
         """Tokens each of the first ``batch`` requests emitted this step (one without drafts)."""
         return [1] * batch if self._verdicts is None else [len(tokens) for tokens in self._verdicts.tokens]
 
-    def _draft_budgets(self, req_ids: list[str]) -> list[int] | None:
-        """Per batch row: the most draft tokens its next step can still emit, its
-        ``max_tokens`` less the tokens it has after this step and the next step's bonus
-        token (a longer tree is drafted and verified for nothing: at the end of a 20-token
-        greedy request, a 6-deep chain verified where one token was left). None under
-        async scheduling, where the requests' output counts lag the sampled tokens."""
+    def _tokens_left(self, req_ids: list[str]) -> list[int] | None:
+        """Per batch row: the tokens the request may still emit after this step, its
+        ``max_tokens`` less the tokens it has with this step's (0: this step ends it;
+        ``sys.maxsize``: no ``max_tokens``). Its next step's drafts are one fewer, for the
+        bonus token (a longer tree is drafted and verified for nothing: at the end of a
+        20-token greedy request, a 6-deep chain verified where one token was left). None
+        under async scheduling, where the requests' output counts lag the sampled tokens."""
         if self.use_async_scheduling:
             return None
-        budgets = []
+        left = []
         for req_id, emitted in zip(req_ids, self._emitted_by_request(len(req_ids))):
             state = self.requests[req_id]
             max_tokens = None if state.sampling_params is None else state.sampling_params.max_tokens
-            budgets.append(self.drafter.max_nodes if max_tokens is None
-                           else max(max_tokens - len(state.output_token_ids) - emitted - 1, 0))
-        return budgets
+            left.append(sys.maxsize if max_tokens is None
+                        else max(max_tokens - len(state.output_token_ids) - emitted, 0))
+        return left
 
     def _first_run_of_a_shape(self, decision: StepDecision | None) -> bool:
         """Whether this decode step ran a forward over a token count its model had not run
@@ -541,15 +543,16 @@ class CastRunnerMixin:
         if all_undrafted:
             self.drafter.skipped_steps += 1
         skipped = self._keeps_rows or all_undrafted
-        budgets = None if skipped else self._draft_budgets(req_ids)  # dormant steps need none
-        finishing = budgets is not None and not any(budgets)  # every request ends with its next token
+        left = None if skipped else self._tokens_left(req_ids)  # dormant steps need none
+        finishing = left is not None and max(left) <= 1  # every request ends with its next token
         if skipped or finishing:
             self._root_candidates = None
             return [[] for _ in req_ids]
         self._chain_accepted_rows(hidden_states, aux_hidden_states, spec_decode_metadata)
         most = self.drafter.max_nodes
-        self.drafter.draft_caps = [min(most, budget) if plain and drafted else 0 for plain, drafted, budget
-                                   in zip(self._plain, self._drafted_rows.tolist(), budgets or [most] * len(req_ids))]
+        self.drafter.draft_caps = [min(most, tokens - 1) if plain and drafted and tokens else 0 for plain, drafted, tokens
+                                   in zip(self._plain, self._drafted_rows.tolist(), left or [most + 1] * len(req_ids))]
+        self.drafter.next_batch = None if left is None else sum(1 for tokens in left if tokens)
         self.drafter.sampled_rows = self._sampled
         # A request decoding alone whose drafts this step verified: its probes may be judged now.
         self.drafter.solo_step_so_far = ((self._emitted_tokens, self._step_clock.elapsed())

@@ -69,6 +69,19 @@ of 3.1 ms, and the ledger read cohorts 1.7-2.2x faster than plain decoding that 
 0.80-0.95x of vanilla on the wall clock."""
 
 
+VERIFY_SAMPLES_LAST = PLAIN_SAMPLES_LAST
+"""Seconds after which a bucket's verification samples are dropped (verifications there are
+then priced as in a bucket never verified). The decline gate prices verifications with them,
+and a declined step verifies nothing, so a price too high is never corrected: on the bench
+pair at greedy B=4, samples taken while the 2-core EPYC ran slow put the verification
+overhead at 7.0 ms (1-2.5 ms in steadier runs, plain steps' 0.56 ms), at which a 2-deep chain
+expected to emit 1.9 tokens a request is priced at 21.6 ms against plain decoding's 18.8 ms
+for those tokens (16.0 ms at 1.5 ms of overhead). Dropped after this long, and with trees
+priced at the batch that verifies them (``CastProposer._declines``), greedy B=4 waves there
+read 1.045x of vanilla against 1.021x before (sum of per-wave minima over five rounds, one
+process; the EAGLE-3 chain with 2 tokens 0.964x, its loss on sum's long prompts included)."""
+
+
 def batch_bucket(batch_size: int) -> int:
     """Power-of-two bucket of a batch size: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
     return max(batch_size - 1, 0).bit_length()
@@ -158,6 +171,8 @@ class StepOverheads:
         self.per_layer = RecentMedians()
         self._plain_sampled_at: dict[int, float] = {}
         """Per bucket: ``time.monotonic()`` of its newest plain sample."""
+        self._verify_sampled_at: dict[int, float] = {}
+        """Per bucket: ``time.monotonic()`` of its newest verification sample."""
         self._adjusted: dict[tuple[int, int], tuple[StepCosts, tuple[int, ...], StepCosts]] = {}
         """(bucket, id of the table's costs) -> (those costs, overheads in resolution steps,
         adjusted costs); holding the costs keeps their id from being reused while memoised."""
@@ -181,6 +196,7 @@ class StepOverheads:
         bucket = batch_bucket(batch_size)
         if verified_drafts:
             self.verify.add(bucket, measured - predicted)
+            self._verify_sampled_at[bucket] = time.monotonic()
         else:
             self.plain.add(bucket, measured - predicted)
             self._plain_sampled_at[bucket] = time.monotonic()
@@ -196,9 +212,18 @@ class StepOverheads:
         self.plain.forget(bucket)
         self._plain_sampled_at.pop(bucket, None)
 
+    def _forget_stale_verifications(self) -> None:
+        """Drop the verification samples of every bucket whose newest is older than
+        ``VERIFY_SAMPLES_LAST``."""
+        oldest_kept = time.monotonic() - VERIFY_SAMPLES_LAST
+        for bucket in [b for b, sampled_at in self._verify_sampled_at.items() if sampled_at < oldest_kept]:
+            self.verify.forget(bucket)
+            del self._verify_sampled_at[bucket]
+
     def verifications_measured(self, batch_size: int) -> bool:
-        """Whether the bucket has ``MIN_SAMPLES`` verification samples of its own: steps that
-        verified drafts there checked the table's verification cells against measured time."""
+        """Whether the bucket has ``MIN_SAMPLES`` recent verification samples of its own: steps
+        that verified drafts there checked the table's verification cells against measured time."""
+        self._forget_stale_verifications()
         return self.verify.median(batch_bucket(batch_size)) is not None
 
     def record_drafting(self, batch_size: int, measured: float, predicted_first_pass: float, measured_layers: float,
@@ -221,6 +246,7 @@ class StepOverheads:
         cheaper than its forwards)."""
         bucket = batch_bucket(batch_size)
         plain = self._median(self.plain, bucket) or 0.0
+        self._forget_stale_verifications()
         verify = self._median(self.verify, bucket)
         steps = tuple(_resolution_steps(seconds) for seconds in (
             plain, plain if verify is None else verify,
