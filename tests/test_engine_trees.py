@@ -114,8 +114,8 @@ def test_trees_are_priced_at_the_batch_the_next_step_verifies(vanilla_llm, cast_
     monkeypatch.setattr(runner, "propose_draft_token_ids", recorded_proposal)
     prompts = PROMPTS[:3]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (6, 11, 20)]
-    outputs = [cast_llm.generate(prompts, params, use_tqdm=False), vanilla_llm.generate(prompts, params, use_tqdm=False)]
-    got, expected = ([list(o.outputs[0].token_ids) for o in run] for run in outputs)
+    got, expected = ([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+                     for llm in (cast_llm, vanilla_llm))
     assert got == expected
     checked = [(step, batch) for step, batch in priced.items() if step + 1 < len(step_batches)]
     assert all(batch == step_batches[step + 1] for step, batch in checked), (priced, step_batches)

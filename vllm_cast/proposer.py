@@ -448,9 +448,8 @@ class CastProposer(EagleProposer):
         the whole step against plain decoding (``pricing.beats_plain_decoding``), both at the
         ``verifying`` requests of the ``batch`` that the next step keeps (``costs`` are
         theirs): priced over the whole batch, the requests this step ends counted as
-        accepting nothing and as verifying at the larger batch size, so at the end of a wave
-        the gate dropped the trees of the requests left (on the bench pair at greedy B=4 it
-        read 0.26 expected tokens a request where two of four had no drafts). Session 21
+        accepting nothing and as verifying at the larger batch size, which priced the trees
+        of the requests left too dear at the end of every wave. Session 21
         tried judging a solo request on its own verdict alone once formed: greedy B=1
         offline rose from 1.01x to 1.06x of vanilla (the gate had declined a qa request's
         shallow chains every other step), but the OpenAI server with 4 clients fell from
