@@ -131,7 +131,8 @@ def test_lone_arrivals_followed_by_bursts_are_not_drafted_alone(vanilla_llm, def
     speculation is hopeless (forced): once the last lone arrivals were all joined, a lone
     arrival's prompt step runs no draft pass, and joined it is never drafted. A lone arrival
     that stays alone then drafts its probe one step late, over its prompt rows and its first
-    decoded row, and output stays vanilla's throughout."""
+    decoded row, even with draft caps and a dormant stretch left by an earlier batch, and
+    output stays vanilla's throughout."""
     from vllm_cast.solo_probes import COMPANY_OUTCOMES
 
     runner = model_runner(default_cast_llm)
@@ -146,6 +147,9 @@ def test_lone_arrivals_followed_by_bursts_are_not_drafted_alone(vanilla_llm, def
     assert _generate_in_steps(default_cast_llm, [prompts[:1], prompts[1:]], 12) == expected
     assert not first_pass_rows, "a lone arrival joined by a burst was drafted"
     runner.drafter.solo.resume_probing(False)  # earlier tests' greedy probes may have stopped probing
+    # Left by an earlier batch whose first row took no drafts and whose last tree was declined.
+    runner.drafter.draft_caps, runner.drafter.draft_caps_req_ids = [0, 0, 0, 5], ["a", "b", "c", "d"]
+    monkeypatch.setattr(runner.drafter.dormancy, "steps_left", 2)
     lone = load_prompts("humaneval", limit=1)
     assert _generate_in_steps(default_cast_llm, [lone], 12) == greedy_token_ids(vanilla_llm, lone, 12)
     assert first_pass_rows and first_pass_rows[0] == len(default_cast_llm.get_tokenizer().encode(lone[0])) + 1

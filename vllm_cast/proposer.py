@@ -136,6 +136,8 @@ class CastProposer(EagleProposer):
         """Per batch row: the most draft tokens it may verify next step, at most
         ``max_nodes`` (0: not drafted; less near its ``max_tokens``); None: every row up to
         ``max_nodes``. Set by the runner before each proposal."""
+        self.draft_caps_req_ids: list[str] = []
+        """The requests of the rows ``draft_caps`` was set for (the runner sets both)."""
         self.next_batch: int | None = None
         """Requests the next step verifies: the batch less those whose ``max_tokens`` this step
         reaches (None: the whole batch). Set by the runner with ``draft_caps``."""
@@ -268,8 +270,18 @@ class CastProposer(EagleProposer):
         """Whether this step's batch is one request whose next drafting step is a probe
         (vllm_cast.solo_probes; it drafts now, dormant or not)."""
         return (len(self.batch_req_ids) == 1 and self.cast_params.decline_unprofitable
-                and (self.draft_caps is None or self.draft_caps[0] > 0)
+                and self._may_take_drafts(self.batch_req_ids[0])
                 and self.solo.wants_probe(self.batch_req_ids[0], all_sampled))
+
+    def _may_take_drafts(self, req_id: str) -> bool:
+        """Whether the last drafting call that capped ``req_id``'s drafts left it any (True
+        if none did yet). Before a step's forward, ``draft_caps`` are still the last call's,
+        whose rows may have been other requests. Read by row, a lone request could meet a
+        0 left by another request in its row, draft no probe and sit out a dormant stretch
+        left by that batch (seen in CI as a lone request's probe drafted two steps late)."""
+        if req_id not in self.draft_caps_req_ids or self.draft_caps is None:
+            return True
+        return self.draft_caps[self.draft_caps_req_ids.index(req_id)] > 0
 
     def measures_plain_first(self, all_sampled: bool) -> bool:
         """Whether this step's batch (several requests) skips the draft model to measure

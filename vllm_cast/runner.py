@@ -553,6 +553,7 @@ class CastRunnerMixin:
         self.drafter.draft_caps = [min(most, tokens - 1) if plain and drafted and tokens else 0
                                    for plain, drafted, tokens in zip(self._plain, self._drafted_rows.tolist(),
                                                                      left or [most + 1] * len(req_ids))]
+        self.drafter.draft_caps_req_ids = list(req_ids)
         self.drafter.next_batch = None if left is None else sum(1 for tokens in left if tokens)
         self.drafter.sampled_rows = self._sampled
         # A request decoding alone whose drafts this step verified: its probes may be judged now.
