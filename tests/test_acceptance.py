@@ -39,6 +39,7 @@ def test_the_first_rank_rate_averages_finished_requests_each_counted_once():
     calibrator.retain([])
     rate = calibrator.first_rank_rate(False)
     assert rate is not None and abs(rate - (MIN_RATE_REQUESTS - 1) / MIN_RATE_REQUESTS) < 1e-9, rate
+    assert calibrator.first_rank_rate(False, best=True) == 1.0, "the best of them: every outcome accepted"
     assert calibrator.first_rank_rate(True) is None
 
 

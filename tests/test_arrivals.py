@@ -172,7 +172,7 @@ def test_a_batch_size_that_never_verified_is_not_drafted_where_a_smaller_one_can
     drafter._hopeless_memo.clear()
     priced_sizes = []
 
-    def none_pays_at_two(batch_size: int, context: float, all_sampled: bool) -> bool:
+    def none_pays_at_two(batch_size: int, context: float, all_sampled: bool, best_rate: bool = False) -> bool:
         priced_sizes.append(batch_size)
         return batch_size == 2
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 from conftest import greedy_token_ids, model_runner
 
@@ -26,11 +26,13 @@ def _record(throughput: MeasuredThroughput, batch: int, speculative: bool, token
 
 def _hopeless_judge(throughput: MeasuredThroughput, no_chain_can_pay, overheads: StepOverheads | None = None):
     """What ``CastProposer.speculation_hopeless`` reads, with its priced half
-    (``_no_chain_can_pay(batch_size, context, all_sampled)``) given."""
-    return SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
-                           overheads=overheads or StepOverheads(), _hopeless_calls=0, _hopeless_memo={},
-                           _no_chain_can_pay=no_chain_can_pay, _solo_slower=lambda all_sampled: None,
-                           awaits_solo_probe=lambda all_sampled: False)
+    (``_no_chain_can_pay(batch_size, context, all_sampled, best_rate)``) given."""
+    judge = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
+                            overheads=overheads or StepOverheads(), _hopeless_calls=0, _hopeless_memo={},
+                            _no_chain_can_pay=no_chain_can_pay, _solo_slower=lambda all_sampled: None,
+                            awaits_solo_probe=lambda all_sampled: False)
+    judge._priced_hopeless = MethodType(CastProposer._priced_hopeless, judge)
+    return judge
 
 
 def test_speculation_measured_slower_than_plain_decoding_is_declined():
@@ -298,6 +300,42 @@ def test_a_decode_step_is_no_sample_the_first_time_it_runs_a_shape():
     runner._step_tokens = 1
     assert first_run(runner, None), "a plain step of 1 token is a new target shape"
     assert not first_run(runner, None)
+
+
+def test_a_solo_request_is_probed_unless_no_recent_requests_rate_could_pay():
+    """A request decoding alone is judged on its own probes, not on the pooled verdicts: it
+    is never hopeless while its probes measure no slower, hopeless once they measured slower
+    where its mode is not re-probed. Before its probes, and while it waits for a re-probe,
+    it is hopeless only when no chain pays even at the best recent request's own first-rank
+    rate (the priced verdict with ``best_rate``)."""
+    throughput = MeasuredThroughput()
+    _record(throughput, 1, speculative=True, tokens=1, seconds=0.010, sampled=True)
+    _record(throughput, 1, speculative=False, tokens=1, seconds=0.004, sampled=True)  # pooled: slower
+    priced_at: list[bool] = []
+
+    def no_chain_pays_at_best_rate(batch_size: int, context: float, all_sampled: bool, best_rate: bool) -> bool:
+        priced_at.append(best_rate)
+        return hopeless_at_best_rate
+
+    judge = _hopeless_judge(throughput, no_chain_pays_at_best_rate)
+    judge.solo = SimpleNamespace(reprobes=lambda all_sampled: True)
+    hopeless = CastProposer.speculation_hopeless
+    for hopeless_at_best_rate in (False, True):
+        judge._hopeless_memo.clear()
+        judge.awaits_solo_probe = lambda all_sampled: True
+        assert hopeless(judge, 1, 300.0, True) == hopeless_at_best_rate, "awaiting its probe"
+        judge.awaits_solo_probe = lambda all_sampled: False
+        judge._solo_slower = lambda all_sampled: True
+        assert hopeless(judge, 1, 300.0, True) == hopeless_at_best_rate, "slower, waiting for its re-probe"
+        judge._solo_slower = lambda all_sampled: False
+        assert not hopeless(judge, 1, 300.0, True), "its own probes measured no slower"
+        judge._solo_slower = lambda all_sampled: None
+    assert priced_at and all(priced_at), "solo requests are priced at the best recent rate"
+    judge.solo = SimpleNamespace(reprobes=lambda all_sampled: False)
+    judge._solo_slower = lambda all_sampled: True
+    assert hopeless(judge, 1, 300.0, True), "slower where its mode is not re-probed"
+    judge._solo_slower = lambda all_sampled: None
+    assert hopeless(judge, 1, 300.0, True), "not probed: the pooled verdicts rule it"
 
 
 def test_a_measured_slower_verdict_is_not_hidden_by_a_memoised_price():

@@ -261,9 +261,12 @@ class AcceptanceCalibrator:
                 record.expected[depth_class] += self._shrunk(hits[cell], trials[cell], prob)
                 record.trials += 1
 
-    def first_rank_rate(self, sampled: bool) -> float | None:
+    def first_rank_rate(self, sampled: bool, best: bool = False) -> float | None:
         """The mean first-rank acceptance rate of one mode's last finished requests (each
-        request's own, so a long one does not outweigh the rest), or None before
-        ``MIN_RATE_REQUESTS`` have finished (recorded with their owners)."""
+        request's own, so a long one does not outweigh the rest), or with ``best`` the
+        highest of them; None before ``MIN_RATE_REQUESTS`` have finished (recorded with their
+        owners)."""
         rates = self.finished_request_rates[int(sampled)]
-        return sum(rates) / len(rates) if len(rates) >= MIN_RATE_REQUESTS else None
+        if len(rates) < MIN_RATE_REQUESTS:
+            return None
+        return max(rates) if best else sum(rates) / len(rates)

@@ -500,23 +500,36 @@ class CastProposer(EagleProposer):
         were drafted and read 0.70x and 0.85x of vanilla; that cell is now raised when the
         table is read, ``cost_model.additions_grow_with_batch``, and this rule stands for the
         errors no consistency rule catches). The measured verdict is read afresh
-        on every call; the priced one is memoised per batch size, context bucket and mode, and
-        all priced verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A request decoding
-        alone is judged on its own probes instead (vllm_cast.solo_probes): hopeless once
-        they measured slower where its mode's requests are not re-probed, never before its
-        probes have run. ``prompts_paid``: the batch's requests have had their prompts read
+        on every call; the priced one is memoised per batch size, context bucket, mode and
+        rate, and all priced verdicts are forgotten every ``PROBE_INTERVAL_STEPS`` calls. A
+        request decoding alone is judged on its own probes instead (vllm_cast.solo_probes):
+        hopeless once they measured slower where its mode's requests are not re-probed, never
+        while they measure no slower; before its probes, or while it waits to be re-probed,
+        hopeless only when no chain could pay even at the highest first-rank rate among its
+        mode's recent requests (one lucky probe in the last ``PROBE_OUTCOMES`` kept sampled
+        requests on the bench pair probed and re-probed, with that rate at ~0.1: T=1 B=1 read
+        0.93x of vanilla). ``prompts_paid``: the batch's requests have had their prompts read
         by the draft; the measured verdict then does not make speculation hopeless while
         speculative decode steps alone measure faster than plain ones
         (``MeasuredThroughput.decode_steps_faster``)."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         solo = self._solo_slower(all_sampled)
-        if solo is not None:
-            return solo and not self.solo.reprobes(all_sampled)
-        if self.awaits_solo_probe(all_sampled):
-            return False
+        if solo is not None or self.awaits_solo_probe(all_sampled):
+            if solo is False:
+                return False  # probed, and its own steps measured no slower (yet)
+            if solo and not self.solo.reprobes(all_sampled):
+                return True
+            # Awaiting its probe, or its re-probe: unless no recent request's own rate could pay.
+            return self._priced_hopeless(batch_size, context, all_sampled, best_rate=True)
         if self.throughput.measured_slower(batch_size, all_sampled, prompts_paid):
             return True
+        return self._priced_hopeless(batch_size, context, all_sampled)
+
+    def _priced_hopeless(self, batch_size: int, context: float, all_sampled: bool, best_rate: bool = False) -> bool:
+        """The priced verdict of :meth:`speculation_hopeless` (memoised), at the mode's
+        settled first-rank rate or, with ``best_rate``, at the highest of its recent
+        requests' own rates (``AcceptanceCalibrator.first_rank_rate``)."""
         self._hopeless_calls += 1
         if self._hopeless_calls % PROBE_INTERVAL_STEPS == 0 or len(self._hopeless_memo) >= HOPELESS_MEMO_SIZE:
             self._hopeless_memo.clear()
@@ -525,9 +538,9 @@ class CastProposer(EagleProposer):
             priced_sizes += [1 << bucket for bucket in range(batch_bucket(batch_size) - 1, -1, -1)]
         context_bucket = round(context / CONTEXT_BUCKET)
         for size in priced_sizes:
-            key = (size, context_bucket, all_sampled)
+            key = (size, context_bucket, all_sampled, best_rate)
             if key not in self._hopeless_memo:
-                self._hopeless_memo[key] = self._no_chain_can_pay(size, context, all_sampled)
+                self._hopeless_memo[key] = self._no_chain_can_pay(size, context, all_sampled, best_rate)
             if self._hopeless_memo[key]:
                 return True
         return False
@@ -550,11 +563,12 @@ class CastProposer(EagleProposer):
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, float(prompt_tokens)))
         return pricing.prompt_pass_pays(costs, prompt_tokens, new_tokens, rate)
 
-    def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool) -> bool:
+    def _no_chain_can_pay(self, batch_size: int, context: float, all_sampled: bool, best_rate: bool = False) -> bool:
         """The priced half of :meth:`speculation_hopeless`, computed afresh (greedy rate
-        unless every request samples; never hopeless before that rate spans
-        ``MIN_RATE_REQUESTS`` requests, vllm_cast.acceptance)."""
-        rate = self.calibrator.first_rank_rate(sampled=all_sampled)
+        unless every request samples, the mode's or with ``best_rate`` its best recent
+        request's; never hopeless before that rate spans ``MIN_RATE_REQUESTS`` requests,
+        vllm_cast.acceptance)."""
+        rate = self.calibrator.first_rank_rate(sampled=all_sampled, best=best_rate)
         if rate is None:
             return False
         costs = self.overheads.adjust(batch_size, self.cost_source(batch_size, context))
