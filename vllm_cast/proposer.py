@@ -508,10 +508,10 @@ class CastProposer(EagleProposer):
         hopeless only when no chain could pay even at the highest first-rank rate among its
         mode's recent requests (one lucky probe in the last ``PROBE_OUTCOMES`` kept sampled
         requests on the bench pair probed and re-probed, where no chain could pay at any of
-        their rates: T=1 B=1 read 0.93x of vanilla). ``prompts_paid``: the batch's requests have had their prompts read
-        by the draft; the measured verdict then does not make speculation hopeless while
-        speculative decode steps alone measure faster than plain ones
-        (``MeasuredThroughput.decode_steps_faster``)."""
+        their rates: T=1 B=1 read 0.93x of vanilla). ``prompts_paid``: the batch's requests
+        have had their prompts read by the draft; the measured verdict then does not make
+        speculation hopeless while speculative decode steps alone measure faster than plain
+        ones (``MeasuredThroughput.decode_steps_faster``)."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
         solo = self._solo_slower(all_sampled)

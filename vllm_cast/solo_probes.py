@@ -53,9 +53,10 @@ until the pooled speculative samples go stale (vllm_cast.throughput) and
 ``REEXAMINED_PROBES`` new requests are probed. Nor is a request probed, or re-probed,
 where no chain could pay even at the best first-rank rate among its mode's recent requests
 (``CastProposer.speculation_hopeless``): with this head's sampled rates far below what a
-chain needs, one probe that emitted 3 tokens in 2 steps counted as paid and kept the next sampled requests probed
-and re-probed (bench pair, T=1 B=1, 72 requests side by side in one process: 0.966x of
-vanilla, 0.997x without those probes; the ``ci`` pair 0.948x and 0.966x).
+chain needs, one probe that emitted 3 tokens in 2 steps counted as paid and kept the next
+sampled requests probed and re-probed (bench pair, T=1 B=1, 72 requests side by side in one
+process: 0.966x of vanilla, 0.997x without those probes; the ``ci`` pair 0.948x and
+0.966x).
 
 A request that arrives alone is not always left alone: clients in step with each other (a
 benchmark's waves, fixed-length requests) send a burst whose first request reaches the
