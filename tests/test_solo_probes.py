@@ -8,7 +8,7 @@ from vllm_cast.prompts import load_prompts
 from vllm_cast.solo_probes import (COMPANY_OUTCOMES, LONGEST_REPROBE_WAIT, PROBE_DEPTH_HEADROOM, PROBE_OUTCOMES,
                                    PROBE_STEPS, REEXAMINED_PROBES, REPROBE_WAIT_STEPS, SoloProbes)
 
-PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1
+PLAIN_RATE = 200.0  # tokens per second of plain decoding at batch size 1 and the request's context
 
 
 def _probe_and_measure(solo: SoloProbes, req_id: str, tokens_per_step: int, seconds_per_step: float,
@@ -21,20 +21,21 @@ def _probe_and_measure(solo: SoloProbes, req_id: str, tokens_per_step: int, seco
 
 def test_a_solo_request_is_judged_on_its_own_probes():
     solo = SoloProbes()
-    assert solo.slower("a", PLAIN_RATE) is None, "not probed: the pooled verdict rules it"
+    assert solo.slower("a") is None, "not probed: the pooled verdict rules it"
     assert solo.wants_probe("a", False)
     solo.drafted_probe("a")
     solo.record("a", False, 1, 0.010, PLAIN_RATE)  # 100 tokens/s
-    assert solo.slower("a", PLAIN_RATE) is False, "one step is no verdict yet"
+    assert solo.slower("a") is False, "one step is no verdict yet"
     assert solo.wants_probe("a", False) == (PROBE_STEPS > 1)
     _probe_and_measure(solo, "a", 1, 0.010)
-    assert solo.slower("a", PLAIN_RATE), "100 tokens/s against plain decoding's 200"
+    assert solo.slower("a"), "100 tokens/s against plain decoding's 200"
     assert not solo.wants_probe("a", False), "a request drafts its probes once"
     _probe_and_measure(solo, "b", 7, 0.020)
-    assert solo.slower("b", PLAIN_RATE) is False, "350 tokens/s: keeps speculating"
-    assert solo.slower("b", None) is False, "plain decoding unmeasured: no verdict"
+    assert solo.slower("b") is False, "350 tokens/s: keeps speculating"
+    solo.record("b", False, 1, 0.010, 400.0)
+    assert solo.slower("b"), "judged against plain decoding at its latest context: 300 against 400 tokens/s"
     solo.record("c", False, 1, 0.010, PLAIN_RATE)
-    assert solo.slower("c", PLAIN_RATE) is None, "steps of unprobed requests are not recorded"
+    assert solo.slower("c") is None, "steps of unprobed requests are not recorded"
 
 
 def test_probing_stops_in_a_mode_where_no_recent_probe_paid_until_resumed():
@@ -124,20 +125,19 @@ def test_the_step_verifying_a_last_probe_is_judged_with_its_seconds_so_far():
     at least 8 ms, is slower than plain decoding's 200 tokens/s already."""
     solo = SoloProbes()
     solo.drafted_probe("a")
-    assert solo.slower("a", PLAIN_RATE, pending=(1, 0.008)) is False, "its first probe alone is no verdict"
+    assert solo.slower("a", pending=(1, 0.008)) is False, "its first probe alone is no verdict"
     solo.record("a", False, 1, 0.010, PLAIN_RATE)
     solo.drafted_probe("a")
-    assert solo.slower("a", PLAIN_RATE) is False, "one step is no verdict yet"
-    assert solo.slower("a", PLAIN_RATE, pending=(1, 0.008)), "2 tokens in at least 18 ms: at most 111 tokens/s"
-    assert solo.slower("a", PLAIN_RATE, pending=(7, 0.010)) is False, "8 tokens in 20 ms so far: not settled"
-    assert solo.slower("a", None, pending=(1, 0.008)) is False, "plain decoding unmeasured: no verdict"
+    assert solo.slower("a") is False, "one step is no verdict yet"
+    assert solo.slower("a", pending=(1, 0.008)), "2 tokens in at least 18 ms: at most 111 tokens/s"
+    assert solo.slower("a", pending=(7, 0.010)) is False, "8 tokens in 20 ms so far: not settled"
 
 
 def _wait_until_probed(solo: SoloProbes, req_id: str) -> int:
     """Steps the request, measured slower, waits before it wants a probe again."""
     waited = 0
     while not solo.wants_probe(req_id, False):
-        assert solo.slower(req_id, PLAIN_RATE), "waiting requests are the ones measured slower"
+        assert solo.slower(req_id), "waiting requests are the ones measured slower"
         solo.waited_a_step(req_id)
         waited += 1
         assert waited <= LONGEST_REPROBE_WAIT, "never probed again"
@@ -150,16 +150,16 @@ def test_a_request_measured_slower_is_probed_again_after_doubling_waits():
     _probe_and_measure(solo, "paying", 7, 0.020)
     assert solo.reprobes(False) and not solo.reprobes(True), "a greedy probed request paid"
     _probe_and_measure(solo, "a", 1, 0.010)
-    assert solo.slower("a", PLAIN_RATE)
+    assert solo.slower("a")
     waits = []
     for _ in range(5):
         waits.append(_wait_until_probed(solo, "a"))
-        assert solo.slower("a", PLAIN_RATE) is False, "judged on its new probes alone"
+        assert solo.slower("a") is False, "judged on its new probes alone"
         _probe_and_measure(solo, "a", 1, 0.010)
     assert waits == [min(REPROBE_WAIT_STEPS * 2**i, LONGEST_REPROBE_WAIT) for i in range(5)], waits
     _wait_until_probed(solo, "a")
     _probe_and_measure(solo, "a", 7, 0.020)
-    assert solo.slower("a", PLAIN_RATE) is False, "its new probes paid: it speculates again"
+    assert solo.slower("a") is False, "its new probes paid: it speculates again"
 
 
 def test_a_step_that_only_drafted_joins_the_next_verified_step():
@@ -170,9 +170,10 @@ def test_a_step_that_only_drafted_joins_the_next_verified_step():
     solo.record("a", False, 1, 0.009, PLAIN_RATE, verified=False)
     solo.record("a", False, 7, 0.011, PLAIN_RATE)
     solo.drafted_probe("a")
-    solo.record("a", False, 1, 0.004, PLAIN_RATE)
-    assert solo.slower("a", 300.0) is False, "9 tokens in 24 ms: 375 tokens/s"
-    assert solo.slower("a", 400.0), "below 400 tokens/s"
+    solo.record("a", False, 1, 0.004, 300.0)
+    assert solo.slower("a") is False, "9 tokens in 24 ms: 375 tokens/s, against 300"
+    solo.record("a", False, 1, 0.004, 400.0)
+    assert solo.slower("a"), "10 tokens in 28 ms: 357 tokens/s, against 400"
     assert solo.probe_depth("new", False, 8) == 6 + PROBE_DEPTH_HEADROOM, "accepted runs count the verified step's own tokens"
 
 
@@ -181,7 +182,7 @@ def test_finished_requests_are_forgotten():
     _probe_and_measure(solo, "a", 1, 0.010)
     _probe_and_measure(solo, "b", 1, 0.010)
     solo.retain(["b"])
-    assert solo.slower("a", PLAIN_RATE) is None and solo.slower("b", PLAIN_RATE)
+    assert solo.slower("a") is None and solo.slower("b")
 
 
 def test_each_solo_request_first_verifies_a_deep_chain_probe(vanilla_llm, default_cast_llm, monkeypatch):
@@ -215,6 +216,29 @@ def test_each_solo_request_first_verifies_a_deep_chain_probe(vanilla_llm, defaul
     first_probes = [next(p for p in probes if p[0] == req_id) for req_id in requests]
     assert all(depth == drafter.cast_params.max_depth and chain for _, depth, chain in first_probes), probes
     assert all(chain for _, _, chain in probes), "re-probes are chains too"
+
+
+def test_solo_requests_are_judged_against_plain_decoding_at_their_own_context(default_cast_llm, monkeypatch):
+    """Real engine, greedy: a solo request's speculative steps are compared with plain
+    decoding's rate at its own context (the cost table's plain step there, with the measured
+    plain overhead), not with plain steps measured on other requests: a summary's long prompt
+    makes each step dearer than a short question's."""
+    drafter = model_runner(default_cast_llm).drafter
+    plain_rates: dict[str, list[float]] = {}
+    record = drafter.solo.record
+
+    def recorded(req_id: str, all_sampled: bool, tokens: int, seconds: float, plain_rate: float,
+                 verified: bool = True) -> None:
+        plain_rates.setdefault(req_id, []).append(plain_rate)
+        record(req_id, all_sampled, tokens, seconds, plain_rate, verified)
+
+    monkeypatch.setattr(drafter.solo, "record", recorded)
+    drafter.solo.paid[False].append(True)  # an earlier probed request paid: these are probed
+    for prompt in load_prompts("qa", limit=1) + load_prompts("sum", limit=1):
+        greedy_token_ids(default_cast_llm, [prompt], 128)  # enough tokens to repay the summary's prompt pass
+    assert len(plain_rates) == 2, f"speculative steps of {len(plain_rates)} of 2 solo requests recorded"
+    short_prompt, long_prompt = plain_rates.values()
+    assert max(long_prompt) < min(short_prompt), plain_rates
 
 
 def test_lone_arrivals_put_drafting_off_while_bursts_follow_them():
@@ -253,7 +277,7 @@ def test_a_solo_request_measured_slower_is_probed_again_with_vanilla_output(vani
     drafter.solo.paid[False].append(True)  # an earlier probed request paid: slower ones are probed again
     monkeypatch.setattr(drafter, "_draft_probe", recorded_probe)
     monkeypatch.setattr(drafter, "_draft_trees", recorded_trees)
-    monkeypatch.setattr(drafter.throughput, "plain_rate", lambda *args: 1e9)
+    monkeypatch.setattr(drafter.overheads, "plain_step_seconds", lambda *args: 1e-9)
     skipped_before = drafter.skipped_steps
     tokens = 3 * REPROBE_WAIT_STEPS + 4 * (PROBE_STEPS + 1) * drafter.cast_params.max_depth
     assert greedy_token_ids(default_cast_llm, prompt, tokens) == greedy_token_ids(vanilla_llm, prompt, tokens)

@@ -29,7 +29,7 @@ def _hopeless_judge(throughput: MeasuredThroughput, no_chain_can_pay, overheads:
     (``_no_chain_can_pay(batch_size, context, all_sampled, best_rate)``) given."""
     judge = SimpleNamespace(cost_source=object(), cast_params=CastParams(), throughput=throughput,
                             overheads=overheads or StepOverheads(), _hopeless_calls=0, _hopeless_memo={},
-                            _no_chain_can_pay=no_chain_can_pay, _solo_slower=lambda all_sampled: None,
+                            _no_chain_can_pay=no_chain_can_pay, _solo_slower=lambda: None,
                             awaits_solo_probe=lambda all_sampled: False)
     judge._priced_hopeless = MethodType(CastProposer._priced_hopeless, judge)
     return judge
@@ -325,16 +325,16 @@ def test_a_solo_request_is_probed_unless_no_recent_requests_rate_could_pay():
         judge.awaits_solo_probe = lambda all_sampled: True
         assert hopeless(judge, 1, 300.0, True) == hopeless_at_best_rate, "awaiting its probe"
         judge.awaits_solo_probe = lambda all_sampled: False
-        judge._solo_slower = lambda all_sampled: True
+        judge._solo_slower = lambda: True
         assert hopeless(judge, 1, 300.0, True) == hopeless_at_best_rate, "slower, waiting for its re-probe"
-        judge._solo_slower = lambda all_sampled: False
+        judge._solo_slower = lambda: False
         assert not hopeless(judge, 1, 300.0, True), "its own probes measured no slower"
-        judge._solo_slower = lambda all_sampled: None
+        judge._solo_slower = lambda: None
     assert priced_at and all(priced_at), "solo requests are priced at the best recent rate"
     judge.solo = SimpleNamespace(reprobes=lambda all_sampled: False)
-    judge._solo_slower = lambda all_sampled: True
+    judge._solo_slower = lambda: True
     assert hopeless(judge, 1, 300.0, True), "slower where its mode is not re-probed"
-    judge._solo_slower = lambda all_sampled: None
+    judge._solo_slower = lambda: None
     assert hopeless(judge, 1, 300.0, True), "not probed: the pooled verdicts rule it"
 
 

@@ -230,7 +230,7 @@ class CastProposer(EagleProposer):
             common_attn_metadata, num_rejected_tokens_gpu)
         sampled = self.sampled_rows if self.sampled_rows.numel() == batch else torch.zeros(batch, dtype=torch.bool)
         all_sampled = bool(sampled.all())
-        if (num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower(all_sampled)
+        if (num_speculative_tokens == 0 or self.cost_source is None or self._solo_slower()
                 or self._starts_plain_refresh(batch, all_sampled)):
             return [[] for _ in range(batch)]
         root_positions = self.positions[sample_rows]
@@ -336,7 +336,7 @@ class CastProposer(EagleProposer):
     def solo_waits(self, all_sampled: bool) -> bool:
         """Whether this step's batch is one probed request that measured slower and waits
         for its re-probe (vllm_cast.solo_probes): its rows are kept, the draft does not run."""
-        return bool(self._solo_slower(all_sampled)) and self.solo.reprobes(all_sampled)
+        return bool(self._solo_slower()) and self.solo.reprobes(all_sampled)
 
     def _draft_trees(self, normed: torch.Tensor, hidden: torch.Tensor, layer_inputs: _LayerInputs,
                      next_token_ids: torch.Tensor, sampled: torch.Tensor,
@@ -441,14 +441,13 @@ class CastProposer(EagleProposer):
                                           measured_layer_seconds=layer_seconds)
         return [1] * (depth - 1)
 
-    def _solo_slower(self, all_sampled: bool) -> bool | None:
+    def _solo_slower(self) -> bool | None:
         """For one probed request decoding alone, whether its own speculative steps measured
         slower than plain decoding (vllm_cast.solo_probes; during a proposal, with the running
         step so far, ``solo_step_so_far``); None for any other batch."""
         if len(self.batch_req_ids) != 1:
             return None
-        return self.solo.slower(self.batch_req_ids[0], self.throughput.plain_rate(1, all_sampled),
-                                self.solo_step_so_far)
+        return self.solo.slower(self.batch_req_ids[0], self.solo_step_so_far)
 
     def _declines(self, batch: int, verifying: int, all_sampled: bool, costs: StepCosts, forwarded_widths: list[int],
                   chains: bool) -> bool:
@@ -466,7 +465,7 @@ class CastProposer(EagleProposer):
         offline rose from 1.01x to 1.06x of vanilla (the gate had declined a qa request's
         shallow chains every other step), but the OpenAI server with 4 clients fell from
         0.92-0.95x to 0.87-0.88x (two runs each), so solo requests are priced as well."""
-        solo = self._solo_slower(all_sampled)
+        solo = self._solo_slower()
         if solo:
             return True
         if solo is None and self._speculated_last_call and self.throughput.should_decline(verifying, all_sampled,
@@ -514,7 +513,7 @@ class CastProposer(EagleProposer):
         ones (``MeasuredThroughput.decode_steps_faster``)."""
         if self.cost_source is None or not self.cast_params.decline_unprofitable:
             return False
-        solo = self._solo_slower(all_sampled)
+        solo = self._solo_slower()
         if solo is not None or self.awaits_solo_probe(all_sampled):
             if solo is False:
                 return False  # probed, and its own steps measured no slower (yet)

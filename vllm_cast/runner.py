@@ -211,8 +211,9 @@ class CastRunnerMixin:
             self.drafter.solo.resume_probing(self._all_sampled)
             self.drafter.dormancy.restart()
         if speculative and batch == 1:
+            plain_rate = 1.0 / self.drafter.overheads.plain_step_seconds(1, plain_costs())
             self.drafter.solo.record(self.input_batch.req_ids[0], self._all_sampled, self._emitted_tokens, measured,
-                                     throughput.plain_rate(1, self._all_sampled), self._verified_drafts)
+                                     plain_rate, self._verified_drafts)
 
     def _record_overheads(self, batch: int, decision: StepDecision | None, measured: float,
                           predicted_verify: float | None, plain_costs: Callable[[], StepCosts]) -> None:

@@ -7,13 +7,19 @@ next one. A request decoding alone is judged on its own instead: its first
 ``PROBE_STEPS`` drafting steps are probes, top-1 chains as deep as allowed and verified
 whole (the most a step can gain if the request is predictable, and the quickest way for the
 calibrator to learn its record); it keeps speculating while its own speculative steps,
-from its first, measure no fewer tokens per second than plain decoding at batch size 1. Once
-they measure fewer it is not drafted (its rows are kept, vllm_cast.dormancy) and, after
-``REPROBE_WAIT_STEPS`` plain steps, probed afresh: judged on the new probes alone, it
-speculates again or waits twice as long (up to ``LONGEST_REPROBE_WAIT``). A request whose
-first probes missed is often predictable later (greedy B=1, 64 tokens, six tasks, side by
-side in one process: with requests undrafted for good after their probes, CAST read 1.17x
-of vanilla where always speculating read 1.25x; with re-probes, 1.24x against 1.24x).
+from its first, measure no fewer tokens per second than plain decoding at batch size 1 and
+the request's context (the cost table's plain step there with the measured plain overhead,
+as the cohort ledger prices it: plain steps pooled over other requests are other contexts'
+and, right after drafting steps, slower than plain decoding's own pace; on the bench pair
+they read 8.0-8.7 ms where the priced step was 7.2 ms). Once they measure fewer it is not
+drafted (its rows are kept, vllm_cast.dormancy) and, after ``REPROBE_WAIT_STEPS`` plain
+steps, probed afresh: judged on the new probes alone, it speculates again or waits twice as
+long (up to ``LONGEST_REPROBE_WAIT``). A request whose first probes missed is often
+predictable later (greedy B=1, 64 tokens, six tasks, side by side in one process: with
+requests undrafted for good after their probes, CAST read 1.17x of vanilla where always
+speculating read 1.25x; with re-probes, 1.24x against 1.24x): a response's opening tokens
+are its least predictable, and of the greedy bench-pair requests whose two probes were
+both rejected at their first node, most drafted 3-5 tokens deep a few steps later.
 Where no recent probed request of the mode paid, a request measured slower is not drafted
 again at all. Two probes, not one, because a response's first tokens are its least
 predictable (one probe at the first decode step lost alpaca requests whose later drafts ran
@@ -88,8 +94,14 @@ PROBE_DEPTH_HEADROOM = 2
 """Draft nodes a probe drafts beyond the longest run of its mode's recent probes."""
 COMPANY_OUTCOMES = 4
 """Recent lone arrivals whose next step is kept (was the request joined by others?)."""
-REPROBE_WAIT_STEPS = 8
-"""Plain steps a request measured slower decodes before its first re-probe."""
+REPROBE_WAIT_STEPS = 1
+"""Plain steps a request measured slower decodes before its first re-probe (then 2, 4, ...).
+Greedy B=1, 32 tokens, six tasks x 4 prompts x 3 rounds side by side in one process (ratio
+of summed times to vanilla's): on the bench pair 1.150x with a first wait of 8, 1.178x with
+4, 1.191x with 2 (one run), then 1.199x with 2, 1.238x with 1, 1.160x never judged slower
+(the next); in a third run, 1.123x with 8 and 1.178x with 1, the K=2 and K=4 chains 1.175x
+and 1.196x. On the ``ci`` pair 1.439x / 1.409x (8 / 1), then 1.352x / 1.437x; sampled (T=1)
+on the bench pair 0.967x / 0.985x."""
 LONGEST_REPROBE_WAIT = 64
 """Longest wait before a re-probe (each wait is twice the request's previous one)."""
 
@@ -121,6 +133,9 @@ class SoloProbes:
         self.drafting_only: dict[str, tuple[int, float]] = {}
         """Per request: tokens and seconds of its steps that drafted but verified nothing
         since its last recorded step."""
+        self.plain_rates: dict[str, float] = {}
+        """Per probed request: plain decoding's tokens per second at its context, as of its
+        latest recorded step (``record``)."""
 
     def record_arrival(self, joined: bool) -> None:
         """The step after a lone request's prompt step: whether other requests joined it."""
@@ -158,17 +173,18 @@ class SoloProbes:
         runs = self.accepted_runs[all_sampled] if own_run is None else [own_run]
         return deepest if not runs else min(deepest, max(runs) + PROBE_DEPTH_HEADROOM)
 
-    def record(self, req_id: str, all_sampled: bool, tokens: int, seconds: float, plain_rate: float | None,
+    def record(self, req_id: str, all_sampled: bool, tokens: int, seconds: float, plain_rate: float,
                verified: bool = True) -> None:
         """One speculative decode step of a probed request decoding alone (``tokens``
         emitted in ``seconds``); ``plain_rate``: plain decoding's tokens per second at batch
-        size 1 (None: not measured); ``verified``: it verified drafts (else it only drafted,
+        size 1 and this request's context (see module doc); ``verified``: it verified drafts (else it only drafted,
         as a re-probe's first step does: its tokens and seconds join the next step's).
         Its first ``PROBE_STEPS`` steps verify its probes (their accepted runs are kept per
         mode and noted as the request's own, ``note_runs``); the last of them settles
         whether probing it paid."""
         if req_id not in self.probes_drafted or seconds <= 0:
             return
+        self.plain_rates[req_id] = plain_rate
         step = self._after_drafting_only(req_id, tokens, seconds)
         self.drafting_only.pop(req_id, None)
         if not verified:
@@ -179,12 +195,12 @@ class SoloProbes:
             self.accepted_runs[all_sampled].append(tokens - 1)
             self.note_runs([req_id], [tokens - 1])
         if len(self.steps.windows[req_id]) == PROBE_STEPS:
-            self.paid[all_sampled].append(not self.slower(req_id, plain_rate))
+            self.paid[all_sampled].append(not self.slower(req_id))
 
-    def slower(self, req_id: str, plain_rate: float | None, pending: tuple[int, float] | None = None) -> bool | None:
+    def slower(self, req_id: str, pending: tuple[int, float] | None = None) -> bool | None:
         """None for a request that was not probed; else whether its speculative steps
-        measured fewer tokens per second than ``plain_rate`` (False until ``PROBE_STEPS``
-        of them and plain decoding are measured). ``pending``: the step now running, which
+        measured fewer tokens per second than plain decoding at its context (``record``'s
+        latest ``plain_rate``; False until ``PROBE_STEPS`` of them are measured). ``pending``: the step now running, which
         verified drafts and has emitted these tokens in at least these seconds, counted
         as one of them (a lower bound on its seconds: slower with it is slower at its end)."""
         if req_id not in self.probes_drafted:
@@ -192,7 +208,7 @@ class SoloProbes:
         if pending is not None:
             pending = self._after_drafting_only(req_id, *pending)
         rate = self.steps.rate(req_id, min_steps=PROBE_STEPS, pending=pending)
-        return rate is not None and plain_rate is not None and rate < plain_rate
+        return rate is not None and rate < self.plain_rates[req_id]
 
     def _after_drafting_only(self, req_id: str, tokens: int, seconds: float) -> tuple[int, float]:
         """A step's (tokens, seconds) with those of the request's steps since its last
@@ -238,6 +254,7 @@ class SoloProbes:
             self.steps_until_reprobe.pop(req_id, None)
             self.next_wait.pop(req_id, None)
             self.drafting_only.pop(req_id, None)
+            self.plain_rates.pop(req_id, None)
         self.reprobing &= kept
         if not self.request_runs.keys() <= kept:
             self.request_runs = {req_id: run for req_id, run in self.request_runs.items() if req_id in kept}
