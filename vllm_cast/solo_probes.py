@@ -177,8 +177,9 @@ class SoloProbes:
                verified: bool = True) -> None:
         """One speculative decode step of a probed request decoding alone (``tokens``
         emitted in ``seconds``); ``plain_rate``: plain decoding's tokens per second at batch
-        size 1 and this request's context (see module doc); ``verified``: it verified drafts (else it only drafted,
-        as a re-probe's first step does: its tokens and seconds join the next step's).
+        size 1 and this request's context (see module doc); ``verified``: it verified drafts
+        (else it only drafted, as a re-probe's first step does: its tokens and seconds join
+        the next step's).
         Its first ``PROBE_STEPS`` steps verify its probes (their accepted runs are kept per
         mode and noted as the request's own, ``note_runs``); the last of them settles
         whether probing it paid."""
@@ -200,9 +201,10 @@ class SoloProbes:
     def slower(self, req_id: str, pending: tuple[int, float] | None = None) -> bool | None:
         """None for a request that was not probed; else whether its speculative steps
         measured fewer tokens per second than plain decoding at its context (``record``'s
-        latest ``plain_rate``; False until ``PROBE_STEPS`` of them are measured). ``pending``: the step now running, which
-        verified drafts and has emitted these tokens in at least these seconds, counted
-        as one of them (a lower bound on its seconds: slower with it is slower at its end)."""
+        latest ``plain_rate``; False until ``PROBE_STEPS`` of them are measured).
+        ``pending``: the step now running, which verified drafts and has emitted these
+        tokens in at least these seconds, counted as one of them (a lower bound on its
+        seconds: slower with it is slower at its end)."""
         if req_id not in self.probes_drafted:
             return None
         if pending is not None:
