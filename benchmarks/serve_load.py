@@ -5,6 +5,14 @@ and each load level (clients, round) is sent to each server in turn, the order r
 level, so drift in machine speed hits all of them alike (one server after another, vanilla's
 tokens/s at 16 clients moved 519-675 between three runs of one afternoon).
 
+As ``vllm bench serve`` sends dataset samples, each level sends prompts no earlier level sent
+and asks each request for its own number of tokens (``output_lengths``: between half and
+one and a half times ``--max-tokens``). With every request the same length and the same
+prompts each round, plain decoding's clients stayed in lockstep (four prompts arriving in
+one step, at token counts the engine had run the round before) while a speculating
+server's drifted apart: in one process, 4 clients, 96 requests of 32 tokens, vanilla ran 24
+prompt steps a round in 1.0-1.3 s and CAST 57-93 in 1.5-2.4 s.
+
 ``python -m benchmarks.serve_load [--requests N] [--concurrency C ...] [--rounds R] [--out DIR]`` writes
 ``serve_load.json`` and prints a table."""
 
@@ -59,20 +67,36 @@ def speculation_summary(before: dict[str, float], after: dict[str, float]) -> di
             "drafted_request_steps_share": drafts / request_steps if request_steps else None}
 
 
-def load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float | None]:
-    """Send every prompt (streamed, greedy) with ``concurrency`` clients; summarise the
-    level: throughput, latency percentiles and the speculation the server did
-    (``speculation_summary``)."""
+def output_lengths(requests: int, mean_tokens: int) -> list[int]:
+    """Deterministic per-request ``max_tokens``, spread evenly over ``mean_tokens // 2`` to
+    ``mean_tokens // 2 + mean_tokens`` (mean about ``mean_tokens``)."""
+    low = mean_tokens // 2
+    return [low + (index * 13) % (mean_tokens + 1) for index in range(requests)]
+
+
+def level_requests(pool: list[str], level: int, requests: int, mean_tokens: int) -> list[tuple[str, int]]:
+    """Load level ``level``'s (prompt, max_tokens) pairs: the ``requests`` prompts of ``pool``
+    after those of earlier levels (wrapping round the pool), each with its output length."""
+    start = level * requests
+    prompts = [pool[(start + index) % len(pool)] for index in range(requests)]
+    return list(zip(prompts, output_lengths(requests, mean_tokens)))
+
+
+def load(url: str, model: str, requests: list[tuple[str, int]], concurrency: int) -> dict[str, float | None]:
+    """Send every (prompt, max_tokens) request (streamed, greedy) with ``concurrency``
+    clients; summarise the level: throughput, latency percentiles and the speculation the
+    server did (``speculation_summary``)."""
     counters = spec_counters(url)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        replies = list(pool.map(lambda p: timed_stream(url, model, p, max_tokens), prompts))
+        replies = list(pool.map(lambda request: timed_stream(url, model, *request), requests))
     wall = time.perf_counter() - started
     speculation = speculation_summary(counters, spec_counters(url))
     ttft = [first for _, first, _ in replies]
     latency = [total for _, _, total in replies]
-    return {"concurrency": concurrency, "requests": len(prompts), "wall_s": wall,
-            "requests_per_s": len(prompts) / wall, "output_tokens_per_s": len(prompts) * max_tokens / wall,
+    output_tokens = sum(max_tokens for _, max_tokens in requests)
+    return {"concurrency": concurrency, "requests": len(requests), "wall_s": wall,
+            "requests_per_s": len(requests) / wall, "output_tokens_per_s": output_tokens / wall,
             **{f"ttft_p{q}_ms": 1e3 * percentile(ttft, q) for q in (50, 90, 99)},
             **{f"latency_p{q}_ms": 1e3 * percentile(latency, q) for q in (50, 90, 99)},
             "mean_latency_ms": 1e3 * statistics.fmean(latency), **speculation}
@@ -82,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32,
+                        help="mean output length; each request asks for its own, from half to 1.5 times this")
     parser.add_argument("--rounds", type=int, default=4,
                         help="times each concurrency level is run on the same server (round 1 is cold for CAST, "
                              "whose overheads, acceptance and throughput are learned online); one round of 48 "
@@ -95,26 +120,28 @@ def main() -> None:
     fixture = build_fixture("ci")
     pin_heap_for_child_processes()
     target, draft = str(fixture / "target"), str(fixture / "eagle3")
-    prompts = [p for task in TASKS for p in load_prompts(task, limit=args.requests)]
-    prompts = [prompts[(i * 7) % len(prompts)][:1500] for i in range(args.requests)]
+    prompts = [p for task in TASKS for p in load_prompts(task)]
+    pool = [prompts[(i * 7) % len(prompts)][:1500] for i in range(len(prompts))]  # tasks interleaved
     configs = {"vanilla": None, "eagle3_chain_k2": {"method": "eagle3", "model": draft, "num_speculative_tokens": 2},
                "cast": {"method": "cast", "model": draft, "num_speculative_tokens": 16}}
     rows = []
-    # Prefix caching off, as in benchmarks.speedup: each concurrency level resends the same
-    # prompts, and cache hits would favour vanilla (EAGLE recomputes the last cached block).
+    # Prefix caching off, as in benchmarks.speedup: every server gets each level's prompts,
+    # and the pool's prompts share their tasks' openings; cache hits would favour vanilla
+    # (EAGLE recomputes the last cached block).
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as servers:
         urls = {name: servers.enter_context(served(
                     target, spec, Path(logs) / f"{name}.log",
                     extra_args=("--max-num-seqs", str(max(args.concurrency)), "--no-enable-prefix-caching")))
                 for name, spec in tqdm(configs.items(), desc="start servers", unit="server")}
         for url in urls.values():
-            timed_stream(url, target, prompts[0], 4)  # warm-up
+            timed_stream(url, target, pool[-1], 4)  # warm-up
         names = list(urls)
         levels = [(c, r) for c in args.concurrency for r in range(1, args.rounds + 1)]
         for index, (c, r) in enumerate(tqdm(levels, desc="load levels", unit="level")):
             turn = index % len(names)
+            requests = level_requests(pool, index, args.requests, args.max_tokens)
             for name in names[turn:] + names[:turn]:
-                rows.append({"config": name, "round": r, **load(urls[name], target, prompts, args.max_tokens, c)})
+                rows.append({"config": name, "round": r, **load(urls[name], target, requests, c)})
     rows.sort(key=lambda row: (names.index(row["config"]), row["concurrency"], row["round"]))
     vanilla = {(r["concurrency"], r["round"]): r["output_tokens_per_s"] for r in rows if r["config"] == "vanilla"}
     for row in rows:

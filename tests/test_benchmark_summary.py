@@ -9,7 +9,7 @@ import sys
 
 from benchmarks.allocator import PINNED_HEAP_ENV, pin_heap_for_child_processes
 from benchmarks.decode_steps import DecodeCount
-from benchmarks.serve_load import SPEC_COUNTERS, speculation_summary
+from benchmarks.serve_load import SPEC_COUNTERS, level_requests, output_lengths, speculation_summary
 from benchmarks.speedup import add_derived
 
 
@@ -65,3 +65,17 @@ def test_server_counters_give_accepted_length_and_the_drafted_share_of_request_s
     plain = speculation_summary(before, {**before, "generated": 1100.0})
     assert plain == {"mean_accepted_length": None, "verified_draft_tokens_per_draft": None,
                      "drafted_request_steps_share": 0.0}
+
+
+def test_server_levels_send_new_prompts_of_varied_lengths():
+    """Each load level sends prompts no earlier level sent (wrapping round the pool only when
+    it is used up), and its requests' lengths vary around the mean, never in lockstep."""
+    pool = [f"prompt {index}" for index in range(100)]
+    levels = [level_requests(pool, level, 48, 32) for level in range(3)]
+    first, second = ({prompt for prompt, _ in level} for level in levels[:2])
+    assert len(first) == 48 and not first & second
+    assert [prompt for prompt, _ in levels[2]][:4] == ["prompt 96", "prompt 97", "prompt 98", "prompt 99"]
+    lengths = output_lengths(48, 32)
+    assert [tokens for _, tokens in levels[0]] == lengths
+    assert min(lengths) == 16 and max(lengths) == 48 and abs(sum(lengths) / len(lengths) - 32) < 1
+    assert len(set(lengths)) > 24
