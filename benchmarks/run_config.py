@@ -94,6 +94,7 @@ def main() -> None:
             if steps:
                 row["measured_step_ms"] = 1e3 * (stats["measured_step_seconds"] - stats_before["measured_step_seconds"]) / steps
                 row["predicted_step_ms"] = 1e3 * (stats["predicted_step_seconds"] - stats_before["predicted_step_seconds"]) / steps
+                row["priced_step_ms"] = 1e3 * (stats["priced_step_seconds"] - stats_before["priced_step_seconds"]) / steps
             # Why CAST drafted or stayed plain here: its measured verdicts after the cell.
             row["cast_verdicts"] = {name: value for name, value in stats.items()
                                     if name.startswith(("cohort_speedup_b", "step_verdict_slower_b"))}

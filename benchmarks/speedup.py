@@ -127,7 +127,7 @@ def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
         group = [r for r in rows if (r["config"], r["temperature"], r["batch_size"]) == (config, temperature, batch)]
         entry = {"config": config, "temperature": temperature, "batch_size": batch}
         for field in ("speedup", "tokens_per_s", "mean_accepted_length", "tokens_per_step", "verified_tokens_per_step",
-                      "measured_step_ms", "predicted_step_ms", "minor_page_faults"):
+                      "measured_step_ms", "predicted_step_ms", "priced_step_ms", "minor_page_faults"):
             values = [r[field] for r in group if field in r]
             if values:
                 entry[field] = statistics.fmean(values)
@@ -161,10 +161,10 @@ def plot(summary: list[dict], configs: list[str], path: Path) -> None:
 
 def markdown(summary: list[dict]) -> str:
     lines = ["| config | T | batch | speedup | tokens/s | mean accepted length | tokens/step | verified tokens/step | "
-             "predicted / measured step ms |",
+             "predicted / priced / measured step ms |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        timing = (f"{s['predicted_step_ms']:.2f} / {s['measured_step_ms']:.2f}"
+        timing = (f"{s['predicted_step_ms']:.2f} / {s['priced_step_ms']:.2f} / {s['measured_step_ms']:.2f}"
                   if "measured_step_ms" in s else "")
         lines.append(f"| {s['config']} | {s['temperature']:g} | {s['batch_size']} | {s['speedup']:.2f} | "
                      f"{s['tokens_per_s']:.0f} | {s['mean_accepted_length']:.2f} | {s['tokens_per_step']:.2f} | "

@@ -61,6 +61,10 @@ def test_tree_greedy_equals_vanilla(vanilla_llm, cast_llm, batch_size, count):
     assert after["speculating_steps"] > before["speculating_steps"], "CAST drafted no tree"
     assert after["max_width"] > 1, "no tree layer wider than one node"
     assert after["max_depth"] > 1, "no tree deeper than one layer"
+    timed = after["timed_steps"] - before["timed_steps"]
+    assert timed > 0, "no speculative step was timed"
+    for price in ("predicted_step_seconds", "priced_step_seconds", "measured_step_seconds"):
+        assert after[price] - before[price] > 1e-4 * timed, f"{price} did not grow with the timed steps"
 
 
 def test_no_tree_drafts_past_a_requests_max_tokens(vanilla_llm, cast_llm, monkeypatch):

@@ -264,6 +264,9 @@ class CastProposer(EagleProposer):
         decision.predicted_first_pass_seconds = pricing.first_pass_seconds(drafting_costs, first_pass_rows)
         decision.predicted_layer_seconds = pricing.layer_seconds(drafting_costs, forwarded_widths)
         decision.predicted_verify_seconds = pricing.verify_seconds(table_costs, max(decision.verified), chains)
+        priced_drafting = costs if verifying == batch else self.overheads.adjust(batch, drafting_costs)
+        decision.priced_draft_seconds = pricing.draft_seconds(priced_drafting, forwarded_widths, first_pass_rows)
+        decision.priced_verify_seconds = pricing.verify_seconds(costs, max(decision.verified), chains)
         return [tree.draft_tokens for tree in self.last_trees]
 
     def awaits_solo_probe(self, all_sampled: bool) -> bool:

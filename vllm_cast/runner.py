@@ -105,6 +105,9 @@ class CastRunnerMixin:
         self._seen_forward_shapes: set[tuple[str, int]] = set()
         """(model, token rows) of every forward run so far (see ``_first_run_of_a_shape``)."""
         self._predicted_verify_seconds: float | None = None
+        """The cost table's time for verifying the last drafting step's trees (None: no such step)."""
+        self._priced_verify_seconds = 0.0
+        """CAST's price for the same verification (the table plus measured overheads)."""
         self._root_candidates: tuple[list[str], np.ndarray, np.ndarray] | None = None
         """Last drafting step's request ids and their top-K first draft tokens and
         probabilities ``[B, K]`` (the calibrator's first-layer outcomes)."""
@@ -163,6 +166,7 @@ class CastRunnerMixin:
         self._time_step(self._step_clock.stop(), predicted_verify)
         decision = self.drafter.last_decision
         self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
+        self._priced_verify_seconds = 0.0 if decision is None else decision.priced_verify_seconds
         self._drafted_last_step = self._verified_drafts or decision is not None
         return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
@@ -181,7 +185,8 @@ class CastRunnerMixin:
         so set-up of new shapes is a real cost of drafting them)."""
         decision = self.drafter.last_decision
         if decision is not None and predicted_verify is not None:
-            self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds)
+            self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds,
+                                             self._priced_verify_seconds + decision.priced_draft_seconds)
         if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs

@@ -38,6 +38,8 @@ class CastStats:
     """Wall time of engine steps (target forward + acceptance + drafting), summed."""
     predicted_step_seconds: float = 0.0
     """The cost table's prediction for the same steps, summed."""
+    priced_step_seconds: float = 0.0
+    """CAST's price for the same steps (the table plus measured overheads), summed."""
 
     def record(self, decision: StepDecision, batch_size: int) -> None:
         self.steps += 1
@@ -61,10 +63,12 @@ class CastStats:
         self.verified_drafts += sum(1 for n in draft_counts if n > 0)
         self.accepted_tokens += sum(a for n, a in zip(draft_counts, accepted_counts) if n > 0)
 
-    def record_step_time(self, measured: float, predicted: float) -> None:
+    def record_step_time(self, measured: float, predicted: float, priced: float) -> None:
+        """One speculative step's wall time against the table's and CAST's price (seconds)."""
         self.timed_steps += 1
         self.measured_step_seconds += measured
         self.predicted_step_seconds += predicted
+        self.priced_step_seconds += priced
 
     def summary(self) -> dict[str, float]:
         """Totals plus means: depth per speculating step, verified nodes per request,
@@ -75,5 +79,6 @@ class CastStats:
         out["mean_batch_size"] = self.batch_size_sum / max(1, self.steps)
         out["mean_measured_step_ms"] = 1e3 * self.measured_step_seconds / max(1, self.timed_steps)
         out["mean_predicted_step_ms"] = 1e3 * self.predicted_step_seconds / max(1, self.timed_steps)
+        out["mean_priced_step_ms"] = 1e3 * self.priced_step_seconds / max(1, self.timed_steps)
         out["mean_accepted_length"] = 1 + self.accepted_tokens / max(1, self.verified_drafts)
         return out

@@ -66,6 +66,11 @@ class StepDecision:
     """Wall time of the layer loop (forwards, top-K, builder steps)."""
     predicted_verify_seconds: float = 0.0
     """Cost table's time for the target forward that verifies the largest tree."""
+    priced_draft_seconds: float = 0.0
+    """This step's draft passes as CAST priced them: the cost table plus the measured
+    overheads (vllm_cast.step_overheads)."""
+    priced_verify_seconds: float = 0.0
+    """The verifying target forward as CAST priced it (table plus measured overheads)."""
     replayed: bool = False
     """The first pass also replayed rows kept while dormant (a probe: its time is no
     sample of the first-pass overhead)."""
