@@ -104,10 +104,9 @@ class CastRunnerMixin:
         (found when first hidden; see ``_collect_aux_hidden_states``)."""
         self._seen_forward_shapes: set[tuple[str, int]] = set()
         """(model, token rows) of every forward run so far (see ``_first_run_of_a_shape``)."""
-        self._predicted_verify_seconds: float | None = None
-        """The cost table's time for verifying the last drafting step's trees (None: no such step)."""
-        self._priced_verify_seconds = 0.0
-        """CAST's price for the same verification (the table plus measured overheads)."""
+        self._drafting_decision: StepDecision | None = None
+        """The last step's drafting decision, whose trees this step verifies (None: it drafted
+        nothing); its prices of that verification are compared with this step's wall time."""
         self._root_candidates: tuple[list[str], np.ndarray, np.ndarray] | None = None
         """Last drafting step's request ids and their top-K first draft tokens and
         probabilities ``[B, K]`` (the calibrator's first-layer outcomes)."""
@@ -154,7 +153,7 @@ class CastRunnerMixin:
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     def sample_tokens(self, grammar_output):
-        predicted_verify = self._predicted_verify_seconds
+        verified = self._drafting_decision
         if self._keeps_rows:
             started = time.perf_counter()
             self._remember_rows(self.execute_model_state.aux_hidden_states)
@@ -163,18 +162,18 @@ class CastRunnerMixin:
             output = super().sample_tokens(grammar_output)
         finally:
             self.speculative_config = self.vllm_config.speculative_config
-        self._time_step(self._step_clock.stop(), predicted_verify)
-        decision = self.drafter.last_decision
-        self._predicted_verify_seconds = None if decision is None else decision.predicted_verify_seconds
-        self._priced_verify_seconds = 0.0 if decision is None else decision.priced_verify_seconds
+        self._time_step(self._step_clock.stop(), verified)
+        decision = self._drafting_decision = self.drafter.last_decision
         self._drafted_last_step = self._verified_drafts or decision is not None
         return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
-    def _time_step(self, measured: float, predicted_verify: float | None) -> None:
+    def _time_step(self, measured: float, verified: StepDecision | None) -> None:
         """Compare a step's wall time (``measured``: the runner's share and the engine
-        loop's gap before it, vllm_cast.step_clock) with the cost table: for the stats (speculative
-        steps) and, for decode-only steps past the first ``AFTER_PROMPT_STEPS`` after a
-        step with prompt rows, the drafter's measured overheads (``_record_overheads``).
+        loop's gap before it, vllm_cast.step_clock) with the prices of the last step's
+        drafting decision (``verified``; None: it drafted nothing) and this step's: for the
+        stats (speculative steps) and, for decode-only steps past the first
+        ``AFTER_PROMPT_STEPS`` after a step with prompt rows, the drafter's measured
+        overheads (``_record_overheads``).
         Every decode-only step is a throughput sample and a step of its requests' cohorts
         unless it ran a shape for the first time: the set-up is paid once per shape, not per
         step (greedy, grid order: MT-Bench's first B=4 wave ran three new shapes, 52 ms of set-up
@@ -184,9 +183,10 @@ class CastRunnerMixin:
         drafting call is charged to speculation (vllm_cast.throughput: prompts' lengths vary,
         so set-up of new shapes is a real cost of drafting them)."""
         decision = self.drafter.last_decision
-        if decision is not None and predicted_verify is not None:
+        predicted_verify = None if verified is None else verified.predicted_verify_seconds
+        if decision is not None and verified is not None:
             self.cast_stats.record_step_time(measured, predicted_verify + decision.predicted_draft_seconds,
-                                             self._priced_verify_seconds + decision.priced_draft_seconds)
+                                             verified.priced_verify_seconds + decision.priced_draft_seconds)
         if self.drafter.cost_source is None:
             return
         batch = self.input_batch.num_reqs
