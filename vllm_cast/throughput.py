@@ -156,9 +156,13 @@ class MeasuredThroughput:
         """Per (bucket, mode): whether speculating measured slower, as formed when both kinds
         were first measured after its last speculative sample (dropped by the next one)."""
 
-    def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float) -> bool:
-        """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``.
-        Returns whether this step made speculative samples stale (they were dropped)."""
+    def record(self, batch_size: int, all_sampled: bool, speculative: bool, tokens: int, seconds: float,
+               plain_steps: int = 1) -> bool:
+        """One decode step that emitted ``tokens`` tokens (all requests) in ``seconds``; a
+        plain one stands for ``plain_steps`` plain steps of its batch in the count that makes
+        speculative samples stale (the runner measures one in a few steps of a batch whose
+        requests are all undrafted). Returns whether this step made speculative samples stale
+        (they were dropped)."""
         if seconds <= 0:
             return False
         key = (batch_bucket(batch_size), all_sampled)
@@ -167,7 +171,7 @@ class MeasuredThroughput:
             self.decode_rates.add(key, (tokens, seconds))
         else:
             self.rates.add((*key, False), (tokens, seconds))
-        since = self.plain_steps_since_speculative[key] + 1 if not speculative else 0
+        since = self.plain_steps_since_speculative[key] + plain_steps if not speculative else 0
         went_stale = since > 0 and since >= self._stale_wait(key)
         if went_stale:
             for smaller_or_same in range(key[0] + 1):
