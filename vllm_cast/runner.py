@@ -187,25 +187,27 @@ class CastRunnerMixin:
             started = time.perf_counter()
             self._remember_rows(self.execute_model_state.aux_hidden_states)
             self._drafting_seconds = time.perf_counter() - started
-        try:
-            output = super().sample_tokens(grammar_output)
-        finally:
-            self.speculative_config = self.vllm_config.speculative_config
+        output = self._vllm_sample_tokens(grammar_output)
         self._time_step(self._step_clock.stop(), verified)
         decision = self._drafting_decision = self.drafter.last_decision
         self._drafted_last_step = self._verified_drafts or decision is not None
         return with_drafts(output, self.take_draft_token_ids())  # see vllm_cast.draft_delivery
 
+    def _vllm_sample_tokens(self, grammar_output):
+        """vLLM's ``sample_tokens``, with the speculative config restored after it (a plain
+        step's ``_prepare_inputs`` hides it)."""
+        try:
+            return super().sample_tokens(grammar_output)
+        finally:
+            self.speculative_config = self.vllm_config.speculative_config
+
     def _sample_undrafted_repeat(self, grammar_output):
         """``sample_tokens`` of a step repeating an undrafted batch (``_repeats_undrafted_step``):
         vLLM's sampling; measured once every ``UNDRAFTED_SAMPLE_EVERY`` such steps of a run,
         that sample standing for all of them where plain steps are counted
-        (``ThroughputVerdicts.record``; fewer steps at the end of a run are not counted).
+        (``MeasuredThroughput.record``; fewer steps at the end of a run are not counted).
         Every such step is a step of its requests' open cohorts (vllm_cast.cohorts)."""
-        try:
-            output = super().sample_tokens(grammar_output)
-        finally:
-            self.speculative_config = self.vllm_config.speculative_config
+        output = self._vllm_sample_tokens(grammar_output)
         measured = self._step_clock.stop()  # every step: the next one's loop gap starts here
         self._run_repeats += 1
         if self._run_repeats % UNDRAFTED_SAMPLE_EVERY == 0:
@@ -357,7 +359,7 @@ class CastRunnerMixin:
             self.drafter.skipped_steps += 1
             self._drafts_deferred_prompt = False
             result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-            self._step_trees, self._verify_plan = [None] * self.input_batch.num_reqs, None
+            self._plan_tree_verification(scheduler_output, num_scheduled_tokens)  # no drafts: no trees
             return result
         self._plain, self._sampled = self._request_flags()  # used by acceptance and drafting this step
         if self._lone_arrival:
